@@ -1,0 +1,30 @@
+// The operator schemas of fsdfm (namespace `fsdfm`) and the Python module `fsdfm._C`.
+//
+// Kernels register themselves per device with TORCH_LIBRARY_IMPL (csrc/cpu, csrc/cuda); the
+// fake (meta) kernels used by torch.compile live in Python (fsdfm/ops.py). Importing the module
+// is all it takes to make torch.ops.fsdfm.* available.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fsdfm, m) {
+  // rates[b, l, x] = max(rate_scale[b] * (probs[b, l, x] - [x == x_t[b, l]]), 0) for reachable
+  // x != x_t[b, l]; 0 elsewhere. [B, L, V] in the dtype of probs.
+  m.def("probs_to_generator(Tensor probs, Tensor x_t, Tensor rate_scale, float barrier) -> Tensor");
+  // One FS-DFM / Euler jump per position: x_next [B, L] int64.
+  m.def(
+      "jump_step(Tensor logits, Tensor x_t, Tensor rate_scale, Tensor h, float barrier, "
+      "float temperature, Generator? generator) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  // One categorical draw per position from softmax(logits / temperature), restricted by the
+  // barrier and the exclusion: tokens [B, L] int64.
+  m.def(
+      "sample_categorical(Tensor logits, Tensor? exclude, int exclude_token, float barrier, "
+      "float temperature, Generator? generator) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+}
+
+// No Python-level functions: the module exists so that `import fsdfm._C` loads the library.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,301 @@
+// CPU kernels of the fsdfm ops: rows in parallel (at::parallel_for), each row streamed in
+// blocks of kGroup tokens whose inner loops the compiler vectorises (kLanes independent
+// accumulators, so no floating-point reassociation is needed).
+//
+// A row of jump_step / sample_categorical is read twice (the second read comes from cache,
+// a GPT-2 row being 100-200 KB): pass 0 finds the maximum, pass 1 computes e^(s - m) once per
+// token and keeps one allowed mass per block. The draw then needs no further pass over the
+// row: an inverse-CDF over the block masses picks a block, a second one a token inside it.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "fsdfm/row_math.h"
+#include "ops_common.h"
+
+namespace fsdfm {
+namespace {
+
+constexpr int64_t kGroup = 64;  // tokens per block of the two-level draw
+constexpr int kLanes = 8;       // independent accumulators per inner loop (a vector's width)
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// Pass 0: maximum of a row and whether it holds a NaN.
+template <typename T>
+void row_max(const T* row, int64_t V, float& m_out, bool& bad_out) {
+  float m[kLanes];
+  int nan[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    m[j] = kNegInf;
+    nan[j] = 0;
+  }
+  int64_t x = 0;
+  for (; x + kLanes <= V; x += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = to_float(row[x + j]);
+      m[j] = v > m[j] ? v : m[j];
+      nan[j] |= v != v;
+    }
+  }
+  for (; x < V; ++x) {
+    const float v = to_float(row[x]);
+    m[0] = v > m[0] ? v : m[0];
+    nan[0] |= v != v;
+  }
+  float mm = kNegInf;
+  int any_nan = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    mm = m[j] > mm ? m[j] : mm;
+    any_nan |= nan[j];
+  }
+  m_out = mm;
+  bad_out = any_nan != 0;
+}
+
+// Masses of one block of n <= kGroup tokens starting at `first`: every token (total) and the
+// reachable ones (s >= thr). The excluded token is handled by the caller.
+template <typename T>
+inline void block_mass(const T* row, int64_t first, int64_t n, float inv_temp, float m, float thr,
+                       float& total, float& allowed) {
+  float tot[kLanes] = {};
+  float al[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float s = to_float(row[first + i + j]) * inv_temp;
+      const float e = exp_nonpos(s - m);
+      tot[j] += e;
+      al[j] += s >= thr ? e : 0.0f;
+    }
+  }
+  for (; i < n; ++i) {
+    const float s = to_float(row[first + i]) * inv_temp;
+    const float e = exp_nonpos(s - m);
+    tot[0] += e;
+    al[0] += s >= thr ? e : 0.0f;
+  }
+  total = 0.0f;
+  allowed = 0.0f;
+  for (int j = 0; j < kLanes; ++j) {
+    total += tot[j];
+    allowed += al[j];
+  }
+}
+
+// Inputs of one row's draw. `excluded` is the current token (jump mode) or the excluded token
+// (sample mode), -1 for none; `jump` selects the stay/jump decision of jump_step.
+struct RowTask {
+  float inv_temp;
+  float barrier;
+  int64_t excluded;
+  bool jump;
+  float rate_scale;
+  float h;
+};
+
+// One row of jump_step / sample_categorical; `masses` is scratch of ceil(V / kGroup) floats.
+template <typename T>
+int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms& u,
+                 float* masses) {
+  if (task.excluded < -1 || task.excluded >= V || (task.jump && task.excluded < 0)) {
+    return kInvalidToken;
+  }
+  float lmax;
+  bool bad;
+  row_max(row, V, lmax, bad);
+  // inv_temp > 0, so the maximum of the scaled logits is the scaled maximum, bit for bit.
+  const float m = lmax * task.inv_temp;
+  if (!row_is_valid(m, bad)) return kInvalidToken;
+  const float thr = reach_threshold(m, task.barrier);
+
+  const int64_t groups = (V + kGroup - 1) / kGroup;
+  RowMass mass;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * kGroup;
+    float total, allowed;
+    block_mass(row, first, std::min(kGroup, V - first), task.inv_temp, m, thr, total, allowed);
+    mass.total += total;
+    masses[g] = allowed;
+  }
+  if (task.excluded >= 0) {
+    // Recompute the excluded token's block without it rather than subtracting its mass: when
+    // that token dominates the row the subtraction would cancel catastrophically.
+    const int64_t g = task.excluded / kGroup;
+    const int64_t first = g * kGroup;
+    const int64_t n = std::min(kGroup, V - first);
+    float allowed = 0.0f;
+    for (int64_t x = first; x < first + n; ++x) {
+      const float s = to_float(row[x]) * task.inv_temp;
+      if (x != task.excluded && s >= thr) allowed += exp_nonpos(s - m);
+    }
+    masses[g] = allowed;
+  }
+  for (int64_t g = 0; g < groups; ++g) mass.allowed += masses[g];
+
+  if (task.jump) {
+    if (!(u.jump < jump_probability(mass, task.rate_scale, task.h))) return task.excluded;
+  } else if (!(mass.allowed > 0.0)) {
+    return kInvalidToken;  // nothing left to draw from
+  }
+
+  InverseCdf pick_group(u.group, mass.allowed);
+  for (int64_t g = 0; g < groups && !pick_group.offer(g, masses[g]); ++g) {
+  }
+  const int64_t g = pick_group.result();
+  const int64_t first = g * kGroup;
+  const int64_t n = std::min(kGroup, V - first);
+  float weights[kGroup];
+  double within_total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t x = first + i;
+    const float s = to_float(row[x]) * task.inv_temp;
+    weights[i] = (x != task.excluded && s >= thr) ? exp_nonpos(s - m) : 0.0f;
+    within_total += weights[i];
+  }
+  InverseCdf pick_token(u.within, within_total);
+  for (int64_t i = 0; i < n && !pick_token.offer(first + i, weights[i]); ++i) {
+  }
+  return pick_token.result();
+}
+
+uint64_t draw_seed(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
+// Rows per parallel task: enough tokens per task to amortise scheduling.
+int64_t grain_rows(int64_t V) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+}
+
+// Shared driver of jump_step and sample_categorical: `task_of(row)` fills the per-row inputs.
+template <typename TaskOf>
+at::Tensor draw_rows(const at::Tensor& logits, const RowLayout& rows, uint64_t seed,
+                     const TaskOf& task_of) {
+  auto out = at::empty({rows.B, rows.L}, logits.options().dtype(at::kLong));
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  const int64_t groups = (rows.V + kGroup - 1) / kGroup;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fsdfm_draw",
+                                  [&] {
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows.rows(), grain_rows(rows.V), [&](int64_t begin, int64_t end) {
+      std::vector<float> masses(groups);
+      for (int64_t r = begin; r < end; ++r) {
+        const RowUniforms u = row_uniforms(seed, 0, static_cast<uint64_t>(r));
+        out_ptr[r] = draw_row(base + rows.offset(r), rows.V, task_of(r), u, masses.data());
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor jump_step_cpu(const at::Tensor& logits_in, const at::Tensor& x_t_in,
+                         const at::Tensor& rate_scale_in, const at::Tensor& h_in, double barrier,
+                         double temperature, std::optional<at::Generator> generator) {
+  const at::Tensor logits = rows_of(logits_in, "logits");
+  const RowLayout rows = layout_of(logits);
+  const at::Tensor x_t = tokens_of(x_t_in, rows, logits, "x_t");
+  const at::Tensor rate_scale = per_sequence_of(rate_scale_in, rows.B, logits, "rate_scale");
+  const at::Tensor h = per_sequence_of(h_in, rows.B, logits, "h");
+  check_barrier(barrier);
+  check_temperature(temperature);
+  const int64_t* z = x_t.const_data_ptr<int64_t>();
+  const float* rate = rate_scale.const_data_ptr<float>();
+  const float* step = h.const_data_ptr<float>();
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const auto b = static_cast<float>(barrier);
+  return draw_rows(logits, rows, draw_seed(generator), [&](int64_t r) {
+    const int64_t seq = r / rows.L;
+    return RowTask{inv_temp, b, z[r], true, rate[seq], step[seq]};
+  });
+}
+
+at::Tensor sample_categorical_cpu(const at::Tensor& logits_in,
+                                  const std::optional<at::Tensor>& exclude_in,
+                                  int64_t exclude_token, double barrier, double temperature,
+                                  std::optional<at::Generator> generator) {
+  const at::Tensor logits = rows_of(logits_in, "logits");
+  const RowLayout rows = layout_of(logits);
+  const std::optional<at::Tensor> exclude = exclusion_of(exclude_in, exclude_token, rows, logits);
+  check_barrier(barrier);
+  check_temperature(temperature);
+  const int64_t* ex = exclude ? exclude->const_data_ptr<int64_t>() : nullptr;
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  const auto b = static_cast<float>(barrier);
+  return draw_rows(logits, rows, draw_seed(generator), [&](int64_t r) {
+    return RowTask{inv_temp, b, ex ? ex[r] : exclude_token, false, 0.0f, 0.0f};
+  });
+}
+
+// rates = max(rate_scale (p - onehot(z)), 0) on reachable x != z, 0 elsewhere; a row with a
+// NaN or negative probability or an out-of-range z is filled with NaN.
+template <typename T>
+void generator_row(const T* p, T* out, int64_t V, int64_t z, float rate, float barrier) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  bool bad = z < 0 || z >= V;
+  float thr = kNegInf;
+  if (!bad && barrier < INFINITY) {
+    float pmax;
+    row_max(p, V, pmax, bad);
+    thr = pmax * std::exp(-barrier);
+  }
+  const float r = rate > 0.0f ? rate : 0.0f;
+  int neg = 0;
+  for (int64_t x = 0; x < V && !bad; ++x) {
+    const float v = to_float(p[x]);
+    neg |= !(v >= 0.0f);  // also true for NaN
+    out[x] = static_cast<T>(v >= thr ? r * v : 0.0f);
+  }
+  if (bad || neg) {
+    for (int64_t x = 0; x < V; ++x) out[x] = static_cast<T>(nan);
+  } else {
+    out[z] = static_cast<T>(0.0f);
+  }
+}
+
+at::Tensor probs_to_generator_cpu(const at::Tensor& probs_in, const at::Tensor& x_t_in,
+                                  const at::Tensor& rate_scale_in, double barrier) {
+  const at::Tensor probs = rows_of(probs_in, "probs");
+  const RowLayout rows = layout_of(probs);
+  const at::Tensor x_t = tokens_of(x_t_in, rows, probs, "x_t");
+  const at::Tensor rate_scale = per_sequence_of(rate_scale_in, rows.B, probs, "rate_scale");
+  check_barrier(barrier);
+  auto out = at::empty({rows.B, rows.L, rows.V}, probs.options());
+  const int64_t* z = x_t.const_data_ptr<int64_t>();
+  const float* rate = rate_scale.const_data_ptr<float>();
+  const auto b = static_cast<float>(barrier);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(),
+                                  "fsdfm_probs_to_generator", [&] {
+    const scalar_t* in = probs.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows.rows(), grain_rows(rows.V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        generator_row(in + rows.offset(r), o + r * rows.V, rows.V, z[r], rate[r / rows.L], b);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace fsdfm
+
+TORCH_LIBRARY_IMPL(fsdfm, CPU, m) {
+  m.impl("probs_to_generator", &fsdfm::probs_to_generator_cpu);
+  m.impl("jump_step", &fsdfm::jump_step_cpu);
+  m.impl("sample_categorical", &fsdfm::sample_categorical_cpu);
+}

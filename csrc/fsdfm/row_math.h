@@ -1,0 +1,144 @@
+// The maths of one sampling step for one position (one logits row), torch-free, host + device.
+//
+// SPEC 2.7: a step needs, per row, only the row maximum m, the normaliser Z = sum_x e^(s_x - m)
+// (s = logits / temperature), the mass of the allowed destinations
+//     A = { x : x != excluded, s_x >= m - barrier }          (SPEC 2.3, energy barrier)
+// and one categorical draw over A. For the FS-DFM / Euler step (SPEC 2.1, 2.4) with current
+// token z = excluded:
+//     lambda  = max(rate_scale, 0) * P(A),   P(A) = sum_{x in A} e^(s_x - m) / Z
+//     P(stay) = exp(-h * lambda),            P(x | jump) = p(x) / P(A) for x in A.
+// The draw is an exact inverse-CDF in two levels: the row is split into groups (blocks of
+// consecutive tokens on the CPU, one thread's tokens on the GPU); a first uniform picks a group
+// with probability proportional to its allowed mass, a second picks a token inside it. Group
+// masses are combined and scanned in float64, so the draw has float64 resolution (see uniform53).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "philox.h"
+
+namespace fsdfm {
+
+// Written in place of a token for a row whose inputs are invalid (NaN or +inf logits, a row of
+// -inf logits, a token id out of range, nothing left to draw from); the Python layer turns it
+// into an exception that names the argument.
+constexpr int64_t kInvalidToken = -1;
+
+constexpr float kNegInf = -INFINITY;
+
+// e^y for y <= 0 (e^-inf = 0), as the normaliser needs it.
+// Host: Cody-Waite reduction y = n ln2 + r, |r| <= ln2/2, and a degree-7 Taylor polynomial
+// (truncation error |r|^8/8! < 6e-9, below float32 rounding), written without branches so
+// that the compiler vectorises the loops that call it. Below -87 the result would be subnormal
+// (relative mass < 1e-37, far below the float64 resolution of the draw) and is flushed to 0.
+// Device: the hardware exponential (__expf, about 2 ulp), since the kernel is bandwidth-bound.
+FSDFM_HD float exp_nonpos(float y) {
+#if defined(__CUDA_ARCH__)
+  return __expf(y);
+#else
+  // Written so that NaN takes the clamp too: the float-to-int conversion below must see a number.
+  const float yc = y >= -87.0f ? y : -87.0f;
+  // Adding 1.5 * 2^23 rounds to the nearest integer in the low mantissa bits.
+  const float shifter = 12582912.0f;
+  const float nf = (yc * 1.44269504088896341f + shifter) - shifter;
+  const float r = (yc - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(nf) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  // NaN and anything below -87 fail the comparison and give 0.
+  return y >= -87.0f ? p * scale : 0.0f;
+#endif
+}
+
+// Running softmax statistics over a stream of scaled logits, with a running maximum (the
+// one-pass form: earlier sums are rescaled when the maximum grows). `total` sums every token,
+// `allowed` only the tokens the caller marks as allowed destinations. `bad` records NaN.
+struct OnlineSoftmax {
+  float m = kNegInf;
+  float total = 0.0f;
+  float allowed = 0.0f;
+  bool bad = false;
+
+  FSDFM_HD void add(float s, bool is_allowed) {
+    bad |= !(s == s);
+    if (s > m) {
+      // m = -inf gives factor 0: the sums were empty.
+      const float c = exp_nonpos(m - s);
+      total = total * c + 1.0f;
+      allowed = allowed * c + (is_allowed ? 1.0f : 0.0f);
+      m = s;
+    } else if (s > kNegInf) {
+      const float e = exp_nonpos(s - m);
+      total += e;
+      allowed += is_allowed ? e : 0.0f;
+    }
+  }
+};
+
+// Float64 totals of a whole row, relative to the row maximum m.
+struct RowMass {
+  double total = 0.0;
+  double allowed = 0.0;
+};
+
+// The factor that brings partial sums taken relative to `part_max` to the row maximum `m`.
+FSDFM_HD double rescale(float part_max, float m) {
+  return part_max > kNegInf ? static_cast<double>(exp_nonpos(part_max - m)) : 0.0;
+}
+
+// Whether a row's statistics describe a proper distribution: no NaN, a finite maximum.
+FSDFM_HD bool row_is_valid(float m, bool bad) {
+  return !bad && m > kNegInf && m < INFINITY;
+}
+
+// Lowest scaled logit of a reachable token: p(x) >= max_y p(y) e^-barrier  <=>  s_x >= m - barrier.
+// barrier = +inf gives -inf, so that every token (even one with a -inf logit) counts as
+// reachable, as in the reference; such a token has zero mass and is never drawn.
+FSDFM_HD float reach_threshold(float m, float barrier) {
+  return barrier < INFINITY ? m - barrier : kNegInf;
+}
+
+// P(jump) = 1 - exp(-h lambda), lambda = max(rate_scale, 0) * allowed / total. The max() is
+// the clipping of negative rates (SPEC 2.3); a non-positive or NaN h*lambda never jumps.
+FSDFM_HD double jump_probability(const RowMass& mass, float rate_scale, float h) {
+  if (!(mass.allowed > 0.0) || !(rate_scale > 0.0f) || !(h > 0.0f)) return 0.0;
+  const double hl = static_cast<double>(h) * static_cast<double>(rate_scale) *
+                    (mass.allowed / mass.total);
+  return -expm1(-hl);
+}
+
+// Exact inverse-CDF selection over a stream of non-negative weights offered in a fixed order:
+// picks the first index whose running (float64) sum exceeds u * sum(weights). `sum` must be the
+// sum of the weights that will be offered; should rounding leave the running sum short of the
+// target, the last index with positive weight is taken.
+struct InverseCdf {
+  double target;
+  double acc = 0.0;
+  int64_t pick = -1;
+  int64_t last = -1;
+
+  FSDFM_HD InverseCdf(double u, double sum) : target(u * sum) {}
+
+  // Returns true once the pick is made (the caller may stop offering).
+  FSDFM_HD bool offer(int64_t index, double weight) {
+    if (pick >= 0 || !(weight > 0.0)) return pick >= 0;
+    last = index;
+    acc += weight;
+    if (acc > target) pick = index;
+    return pick >= 0;
+  }
+
+  FSDFM_HD int64_t result() const { return pick >= 0 ? pick : last; }
+};
+
+}  // namespace fsdfm

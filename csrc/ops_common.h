@@ -1,0 +1,90 @@
+// Argument checks and row addressing shared by the CPU and CUDA implementations of the ops.
+// Light ATen headers only: the heavy torch/extension.h is never needed by the kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+namespace fsdfm {
+
+// How to find row (b, l) of a [B, L, V] tensor whose last dimension is contiguous.
+struct RowLayout {
+  int64_t B, L, V;
+  int64_t stride_b, stride_l;  // in elements
+
+  int64_t rows() const { return B * L; }
+  int64_t offset(int64_t row) const { return (row / L) * stride_b + (row % L) * stride_l; }
+};
+
+inline bool is_supported_float(const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
+}
+
+// [B, L, V] float32 / bfloat16 / float16. Rows may be strided (views such as x[:, ::2]); a
+// non-unit stride along V is made contiguous, since every kernel streams along V.
+inline at::Tensor rows_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 3, name, " must have shape [B, L, V], got ", t.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(t), name,
+                   " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.size(2) >= 1, name, " must have V >= 1 entries per row, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(2) < (int64_t{1} << 31), name, " has V = ", t.size(2),
+                    ": at most 2^31 - 1 entries per row are supported");
+  return t.stride(2) == 1 || t.size(2) == 1 ? t : t.contiguous();
+}
+
+inline RowLayout layout_of(const at::Tensor& t) {
+  return RowLayout{t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1)};
+}
+
+// x_t [B, L] int64 on the device of `like`.
+inline at::Tensor tokens_of(const at::Tensor& x, const RowLayout& rows, const at::Tensor& like,
+                            const char* name) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kLong, name, " must be int64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == rows.B && x.size(1) == rows.L, name,
+                    " must have shape [B, L] = [", rows.B, ", ", rows.L, "], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == like.device(), name, " is on ", x.device(),
+                    " but the logits are on ", like.device());
+  return x.contiguous();
+}
+
+// A per-sequence scalar as a float32 [B] tensor on the device of `like`.
+inline at::Tensor per_sequence_of(const at::Tensor& v, int64_t B, const at::Tensor& like,
+                                  const char* name) {
+  TORCH_CHECK_TYPE(v.scalar_type() == at::kFloat, name, " must be a float32 tensor, got ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == B, name, " must have shape [B] = [", B,
+                    "], got ", v.sizes());
+  TORCH_CHECK_VALUE(v.device() == like.device(), name, " is on ", v.device(),
+                    " but the logits are on ", like.device());
+  return v.contiguous();
+}
+
+inline void check_barrier(double barrier) {
+  TORCH_CHECK_VALUE(barrier >= 0.0, "barrier must be >= 0 (math.inf disables it), got ", barrier);
+}
+
+inline void check_temperature(double temperature) {
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
+                    "temperature must be a positive finite number, got ", temperature);
+}
+
+// The optional per-position exclusion: exclude [B, L] int64, or one token id for every
+// position (exclude_token >= 0), or nothing (exclude_token = -1 and no tensor).
+inline std::optional<at::Tensor> exclusion_of(const std::optional<at::Tensor>& exclude,
+                                              int64_t exclude_token, const RowLayout& rows,
+                                              const at::Tensor& like) {
+  TORCH_CHECK_VALUE(exclude_token >= -1 && exclude_token < rows.V,
+                    "exclude must be a token id in [0, V) = [0, ", rows.V, "), got ",
+                    exclude_token);
+  if (!exclude.has_value()) return std::nullopt;
+  TORCH_CHECK_VALUE(exclude_token == -1,
+                    "give exclude either as a tensor or as one token id, not both");
+  return tokens_of(*exclude, rows, like, "exclude");
+}
+
+}  // namespace fsdfm

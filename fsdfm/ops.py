@@ -1,0 +1,406 @@
+"""The per-step sampling ops of FS-DFM: fused native kernels and their PyTorch references.
+
+Shapes: logits / probs [B, L, V] (float32, bfloat16 or float16; any strides), current tokens
+x_t [B, L] int64, per-sequence scalars (``rate_scale``, ``h``) as a float or a [B] tensor.
+With p = softmax(logits / temperature) and the energy barrier (SPEC 2.3) making x reachable iff
+p(x) >= max_y p(y) * exp(-barrier):
+
+- ``probs_to_generator``: the explicit generator (jump rates) [B, L, V]
+  u(x) = max(rate_scale * (p(x) - delta_{x_t}(x)), 0) for reachable x != x_t, u(x_t) = 0.
+- ``jump_step``: one FS-DFM / Euler jump per position, without materialising any [B, L, V]
+  tensor: lambda = max(rate_scale, 0) * sum_{reachable x != x_t} p(x); stay with probability
+  exp(-h * lambda), else draw from p restricted to the reachable x != x_t. rate_scale = alpha(t, h)
+  gives the FS-DFM (cumulative scalar) step, rate_scale = 1 / h the plain Euler step.
+- ``sample_categorical``: one draw per position from p restricted to the reachable tokens and
+  without the excluded one (the last-step collapse).
+
+Each op ``<op>`` is registered as ``torch.ops.fsdfm.<op>`` (CPU and, when built with CUDA, CUDA
+kernels; fake kernels below for torch.compile) and has ``<op>_ref``, the same function written
+plainly in PyTorch the way the released FS-DFM code does it (softmax, one-hot, rates and
+``torch.multinomial`` in float64, materialised). Both draw from the same law; the native draw is
+an exact inverse-CDF with 53-bit uniforms (csrc/fsdfm/row_math.h).
+
+Bad input raises a ``ValueError`` / ``TypeError`` naming the argument. With ``validate=True`` (the
+default) the wrappers also check token ids and the outputs, which on CUDA synchronises with the
+host; a sampling loop passes ``validate=False`` and checks once at the end. The kernels never read
+out of bounds: a row they cannot sample (NaN or +inf logits, all -inf, a token id out of range,
+nothing left to draw) gets the token -1, which ``validate=True`` turns into an error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    from fsdfm import _C  # noqa: F401  (registers torch.ops.fsdfm.*)
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as error:  # the extension is not built
+    _IMPORT_ERROR = error
+
+__all__ = [
+    "jump_step",
+    "jump_step_ref",
+    "native_available",
+    "probs_to_generator",
+    "probs_to_generator_ref",
+    "sample_categorical",
+    "sample_categorical_ref",
+]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+INVALID_TOKEN = -1
+
+
+def native_available(device: torch.device | str | None = None) -> bool:
+    """Whether the compiled kernels are there (for ``device``'s type, when given)."""
+    if _IMPORT_ERROR is not None:
+        return False
+    if device is None:
+        return True
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fsdfm::jump_step", key
+    )
+
+
+def _require_native(device: torch.device) -> None:
+    if not native_available(device):
+        why = (
+            f"the extension fsdfm._C is not built ({_IMPORT_ERROR}); run "
+            "`python setup.py build_ext --inplace`"
+            if _IMPORT_ERROR is not None
+            else f"fsdfm._C was built without kernels for {device.type}"
+        )
+        raise RuntimeError(f"native fsdfm ops unavailable: {why}; the *_ref ops always work")
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks shared by the native wrappers and the references.
+
+
+def _check_rows(t: torch.Tensor, name: str) -> tuple[int, int, int]:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, L, V], got {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.shape[2] < 1:
+        raise ValueError(f"{name} must have V >= 1 entries per row, got {tuple(t.shape)}")
+    return t.shape[0], t.shape[1], t.shape[2]
+
+
+def _check_tokens(x: torch.Tensor, B: int, L: int, device: torch.device, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an int64 tensor, got {type(x).__name__}")
+    if x.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {x.dtype}")
+    if tuple(x.shape) != (B, L):
+        raise ValueError(f"{name} must have shape [B, L] = [{B}, {L}], got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+
+
+def _check_token_range(x: torch.Tensor, V: int, name: str) -> None:
+    if x.numel() and bool(((x < 0) | (x >= V)).any()):
+        bad = x[(x < 0) | (x >= V)][0].item()
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {V})")
+
+
+def _per_sequence(
+    v: float | torch.Tensor, B: int, device: torch.device, name: str, *, positive: bool = False
+) -> torch.Tensor:
+    """A float or [B] tensor as a float32 [B] tensor on ``device``."""
+    if isinstance(v, torch.Tensor):
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point [B] tensor, got {v.dtype}")
+        if v.dim() == 0:
+            v = v.expand(B)
+        if tuple(v.shape) != (B,):
+            raise ValueError(f"{name} must be a float or have shape [B] = [{B}], got {tuple(v.shape)}")
+        if v.device != device:
+            raise ValueError(f"{name} is on {v.device} but the logits are on {device}")
+        return v.to(torch.float32).contiguous()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float or a [B] tensor, got {type(v).__name__}")
+    if math.isnan(v) or (positive and v < 0):
+        raise ValueError(f"{name} must be {'>= 0' if positive else 'a number'}, got {v}")
+    return torch.full((B,), float(v), dtype=torch.float32, device=device)
+
+
+def _check_scalars(barrier: float, temperature: float) -> None:
+    if not isinstance(barrier, (int, float)) or math.isnan(barrier) or barrier < 0:
+        raise ValueError(f"barrier must be >= 0 (math.inf disables it), got {barrier!r}")
+    if not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is for {generator.device} but the logits are on {device}")
+
+
+def _exclusion(
+    exclude: int | torch.Tensor | None, B: int, L: int, V: int, device: torch.device
+) -> tuple[torch.Tensor | None, int]:
+    """``exclude`` as the (tensor, token id) pair of the op schema."""
+    if exclude is None:
+        return None, -1
+    if isinstance(exclude, torch.Tensor):
+        _check_tokens(exclude, B, L, device, "exclude")
+        return exclude, -1
+    if isinstance(exclude, bool) or not isinstance(exclude, int):
+        raise TypeError(f"exclude must be None, a token id or an int64 [B, L] tensor, got {exclude!r}")
+    if not 0 <= exclude < V:
+        raise ValueError(f"exclude must be a token id in [0, {V}), got {exclude}")
+    return None, exclude
+
+
+def _raise_invalid_rows(
+    out: torch.Tensor, logits: torch.Tensor, name: str, nothing_left: str
+) -> None:
+    """Turn the kernels' -1 rows into an error that says what is wrong with which argument."""
+    bad = out < 0
+    if not bool(bad.any()):
+        return
+    b, pos = (int(i) for i in bad.nonzero()[0])
+    row = logits[b, pos].float()
+    if bool(row.isnan().any()):
+        what = "holds NaN"
+    elif bool((row == math.inf).any()):
+        what = "holds +inf"
+    elif bool((row == -math.inf).all()):
+        what = "is -inf everywhere"
+    else:
+        what = nothing_left
+    raise ValueError(f"{name}[{b}, {pos}] {what}: no distribution to sample from")
+
+
+def _prepare(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
+    B, L, V = _check_rows(logits, "logits")
+    _check_tokens(x_t, B, L, logits.device, "x_t")
+    _check_scalars(barrier, temperature)
+    _check_generator(generator, logits.device)
+    if validate:
+        _check_token_range(x_t, V, "x_t")
+    rate_scale = _per_sequence(rate_scale, B, logits.device, "rate_scale")
+    h = _per_sequence(h, B, logits.device, "h", positive=True)
+    return rate_scale, h
+
+
+# ---------------------------------------------------------------------------------------------
+# Native ops.
+
+
+def probs_to_generator(
+    probs: torch.Tensor,
+    x_t: torch.Tensor,
+    rate_scale: float | torch.Tensor,
+    *,
+    barrier: float = math.inf,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Jump rates [B, L, V] (dtype of ``probs``):
+    u(x) = max(rate_scale * (p(x) - delta_{x_t}(x)), 0) for reachable x != x_t; u(x_t) = 0.
+
+    ``probs`` [B, L, V] must be non-negative (rows need not sum to one); with ``validate`` NaN or
+    negative entries raise, otherwise such rows come back as NaN.
+    """
+    B, L, V = _check_rows(probs, "probs")
+    _check_tokens(x_t, B, L, probs.device, "x_t")
+    _check_scalars(barrier, 1.0)
+    if validate:
+        _check_token_range(x_t, V, "x_t")
+        if bool(probs.isnan().any()) or bool((probs < 0).any()):
+            raise ValueError("probs must be non-negative and free of NaN")
+    rate_scale = _per_sequence(rate_scale, B, probs.device, "rate_scale")
+    _require_native(probs.device)
+    return torch.ops.fsdfm.probs_to_generator(probs, x_t, rate_scale, float(barrier))
+
+
+def jump_step(
+    logits: torch.Tensor,
+    x_t: torch.Tensor,
+    rate_scale: float | torch.Tensor,
+    h: float | torch.Tensor,
+    *,
+    barrier: float = math.inf,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """x_next [B, L]: stay at x_t with probability exp(-h * lambda), else jump to x ~ p on the
+    reachable x != x_t, where p = softmax(logits / temperature) and
+    lambda = max(rate_scale, 0) * sum_{reachable x != x_t} p(x). Fused: one pass over the logits."""
+    rate_scale, h = _prepare(logits, x_t, rate_scale, h, barrier, temperature, generator, validate)
+    _require_native(logits.device)
+    out = torch.ops.fsdfm.jump_step(
+        logits, x_t, rate_scale, h, float(barrier), float(temperature), generator
+    )
+    if validate:
+        _raise_invalid_rows(out, logits, "logits", "has no reachable token")
+    return out
+
+
+def sample_categorical(
+    logits: torch.Tensor,
+    *,
+    exclude: int | torch.Tensor | None = None,
+    barrier: float = math.inf,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """tokens [B, L] drawn from p = softmax(logits / temperature) restricted to the reachable
+    tokens other than ``exclude`` (None, one token id for all positions, or int64 [B, L])."""
+    B, L, V = _check_rows(logits, "logits")
+    _check_scalars(barrier, temperature)
+    _check_generator(generator, logits.device)
+    ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
+    if validate and ex_tensor is not None:
+        _check_token_range(ex_tensor, V, "exclude")
+    _require_native(logits.device)
+    out = torch.ops.fsdfm.sample_categorical(
+        logits, ex_tensor, ex_token, float(barrier), float(temperature), generator
+    )
+    if validate:
+        _raise_invalid_rows(
+            out, logits, "logits", "leaves no token to draw (all excluded or unreachable)"
+        )
+    return out
+
+
+if _IMPORT_ERROR is None:
+
+    @torch.library.register_fake("fsdfm::probs_to_generator")
+    def _probs_to_generator_fake(probs, x_t, rate_scale, barrier):
+        return probs.new_empty(probs.shape)
+
+    @torch.library.register_fake("fsdfm::jump_step")
+    def _jump_step_fake(logits, x_t, rate_scale, h, barrier, temperature, generator):
+        return logits.new_empty(logits.shape[:2], dtype=torch.int64)
+
+    @torch.library.register_fake("fsdfm::sample_categorical")
+    def _sample_categorical_fake(logits, exclude, exclude_token, barrier, temperature, generator):
+        return logits.new_empty(logits.shape[:2], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# References: the released code's way, materialised, float64 multinomial.
+
+
+def _reachable(p: torch.Tensor, barrier: float) -> torch.Tensor | None:
+    """Mask of tokens with p(x) >= max_y p(y) * exp(-barrier); None when barrier = inf."""
+    if barrier == math.inf:
+        return None
+    return p >= p.amax(dim=-1, keepdim=True) * math.exp(-barrier)
+
+
+def probs_to_generator_ref(
+    probs: torch.Tensor,
+    x_t: torch.Tensor,
+    rate_scale: float | torch.Tensor,
+    *,
+    barrier: float = math.inf,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Reference of :func:`probs_to_generator` (one-hot, difference, clip, all materialised)."""
+    B, L, V = _check_rows(probs, "probs")
+    _check_tokens(x_t, B, L, probs.device, "x_t")
+    _check_scalars(barrier, 1.0)
+    if validate:
+        _check_token_range(x_t, V, "x_t")
+        if bool(probs.isnan().any()) or bool((probs < 0).any()):
+            raise ValueError("probs must be non-negative and free of NaN")
+    rate_scale = _per_sequence(rate_scale, B, probs.device, "rate_scale")
+    p = probs.float()
+    one_hot = torch.nn.functional.one_hot(x_t, V).float()
+    rates = rate_scale[:, None, None] * (p - one_hot)
+    reachable = _reachable(p, barrier)
+    if reachable is not None:
+        rates = torch.where(reachable, rates, torch.zeros_like(rates))
+    rates = rates.clamp_min(0.0)
+    rates.scatter_(-1, x_t[..., None], 0.0)
+    return rates.to(probs.dtype)
+
+
+def _multinomial_rows(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One float64 multinomial draw per row of [N, V] weights."""
+    return torch.multinomial(weights.double(), 1, generator=generator).squeeze(-1)
+
+
+def jump_step_ref(
+    logits: torch.Tensor,
+    x_t: torch.Tensor,
+    rate_scale: float | torch.Tensor,
+    h: float | torch.Tensor,
+    *,
+    barrier: float = math.inf,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Reference of :func:`jump_step`: softmax, generator tensor, total rate, Bernoulli jump,
+    float64 multinomial over the rates of the jumping positions."""
+    rate_scale, h = _prepare(logits, x_t, rate_scale, h, barrier, temperature, generator, validate)
+    if validate:
+        _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
+    B, L, V = logits.shape
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    rates = probs_to_generator_ref(probs, x_t, rate_scale, barrier=barrier, validate=False)
+    total_rate = rates.sum(dim=-1)
+    p_jump = -torch.expm1(-h[:, None].double() * total_rate.double())
+    u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=logits.device)
+    jump = u < p_jump
+    x_next = x_t.clone()
+    rows = jump.nonzero(as_tuple=True)
+    if rows[0].numel():
+        x_next[rows] = _multinomial_rows(rates[rows], generator)
+    return x_next
+
+
+def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """-1 where a row has NaN / +inf or no finite entry (what the kernels report), else 0."""
+    ok = ~(logits.isnan() | (logits == math.inf)).any(-1) & (logits > -math.inf).any(-1)
+    return torch.where(ok, 0, INVALID_TOKEN)
+
+
+def sample_categorical_ref(
+    logits: torch.Tensor,
+    *,
+    exclude: int | torch.Tensor | None = None,
+    barrier: float = math.inf,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Reference of :func:`sample_categorical`: softmax, masks, float64 multinomial."""
+    B, L, V = _check_rows(logits, "logits")
+    _check_scalars(barrier, temperature)
+    _check_generator(generator, logits.device)
+    ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
+    if validate:
+        if ex_tensor is not None:
+            _check_token_range(ex_tensor, V, "exclude")
+        _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    reachable = _reachable(probs, barrier)
+    weights = probs if reachable is None else torch.where(reachable, probs, 0.0)
+    if ex_tensor is not None:
+        weights = weights.scatter(-1, ex_tensor[..., None], 0.0)
+    elif ex_token >= 0:
+        weights = weights.clone()
+        weights[..., ex_token] = 0.0
+    if validate:
+        empty = torch.where(weights.sum(-1) > 0, 0, INVALID_TOKEN)
+        _raise_invalid_rows(
+            empty, logits, "logits", "leaves no token to draw (all excluded or unreachable)"
+        )
+    return _multinomial_rows(weights.reshape(B * L, V), generator).reshape(B, L)

@@ -1,0 +1,83 @@
+"""Exact laws of the sampling ops in float64, and goodness-of-fit tests against them."""
+
+import math
+
+import numpy as np
+import torch
+from scipy import stats
+
+
+def _probs(logits: torch.Tensor, temperature: float, barrier: float):
+    s = logits.double() / temperature
+    p = torch.softmax(s, dim=-1)
+    reachable = s >= s.amax(-1, keepdim=True) - barrier
+    return p, reachable
+
+
+def jump_law(logits, x_t, rate_scale, h, *, barrier=math.inf, temperature=1.0):
+    """P(x_next = x) [B, L, V] of one jump_step (SPEC 2.1 / 2.3)."""
+    p, reachable = _probs(logits, temperature, barrier)
+    B, L, V = p.shape
+    rate = torch.as_tensor(rate_scale, dtype=torch.float64).expand(B)[:, None]
+    step = torch.as_tensor(h, dtype=torch.float64).expand(B)[:, None]
+    onehot = torch.nn.functional.one_hot(x_t.cpu(), V).bool().to(p.device)
+    allowed = reachable & ~onehot
+    mass = (p * allowed).sum(-1)
+    stay = torch.exp(-step.to(p.device) * rate.to(p.device).clamp_min(0) * mass)
+    dest = torch.where(allowed, p, 0.0) / mass.clamp_min(1e-300)[..., None]
+    law = (1 - stay)[..., None] * dest
+    return law + onehot * stay[..., None]
+
+
+def sample_law(logits, *, exclude=None, barrier=math.inf, temperature=1.0):
+    """P(token = x) [B, L, V] of one sample_categorical."""
+    p, reachable = _probs(logits, temperature, barrier)
+    w = torch.where(reachable, p, 0.0)
+    if isinstance(exclude, torch.Tensor):
+        w = w.scatter(-1, exclude[..., None].to(w.device), 0.0)
+    elif exclude is not None:
+        w[..., exclude] = 0.0
+    return w / w.sum(-1, keepdim=True)
+
+
+def chisquare_rows(samples: torch.Tensor, law: torch.Tensor, *, min_expected: float = 5.0):
+    """Pooled chi-square test that samples [R, N] of N rows follow law [N, V] (R draws per row).
+
+    Per row, categories are merged in order of decreasing probability so that each bin expects at
+    least ``min_expected`` draws; the statistics and degrees of freedom of the rows are added (the
+    sum of independent chi-squares). Draws of zero-probability tokens fail at once.
+    Returns (p_value, statistic, dof).
+    """
+    samples = samples.cpu().numpy()
+    law = law.cpu().double().numpy()
+    R = samples.shape[0]
+    stat, dof = 0.0, 0
+    for n in range(law.shape[0]):
+        counts = np.bincount(samples[:, n], minlength=law.shape[1])
+        if counts.shape[0] > law.shape[1]:
+            raise AssertionError(f"row {n}: token id {samples[:, n].max()} outside the vocabulary")
+        impossible = counts[law[n] == 0].sum()
+        if impossible:
+            raise AssertionError(f"row {n}: {impossible} draws of zero-probability tokens")
+        order = np.argsort(-law[n], kind="stable")
+        expected = law[n][order] * R
+        observed = counts[order]
+        bins_e, bins_o, acc_e, acc_o = [], [], 0.0, 0
+        for e, o in zip(expected, observed, strict=True):
+            acc_e += e
+            acc_o += o
+            if acc_e >= min_expected:
+                bins_e.append(acc_e)
+                bins_o.append(acc_o)
+                acc_e, acc_o = 0.0, 0
+        if bins_e:
+            bins_e[-1] += acc_e
+            bins_o[-1] += acc_o
+        if len(bins_e) < 2:
+            continue
+        bins_e, bins_o = np.array(bins_e), np.array(bins_o)
+        stat += float(((bins_o - bins_e) ** 2 / bins_e).sum())
+        dof += len(bins_e) - 1
+    if dof == 0:
+        return 1.0, stat, dof
+    return float(stats.chi2.sf(stat, dof)), stat, dof
