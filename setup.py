@@ -1,6 +1,7 @@
 """Builds fsdfm._C: the CPU kernels always, the CUDA kernels when a CUDA torch and nvcc are there.
 
-FSDFM_CUDA=auto (default) | 0 (CPU only) | 1 (require CUDA). TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0.
+FSDFM_CUDA=auto (default) | 0 (CPU only) | 1 (require CUDA).
+TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0.
 Build with `python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`.
 """
 
@@ -31,7 +32,10 @@ if with_cuda:
     Extension = CUDAExtension
 
 setup(
-    ext_modules=[Extension("fsdfm._C", sources, include_dirs=[os.path.abspath("csrc")],
-                           extra_compile_args=flags)],
+    ext_modules=[
+        Extension(
+            "fsdfm._C", sources, include_dirs=[os.path.abspath("csrc")], extra_compile_args=flags
+        )
+    ],
     cmdclass={"build_ext": BuildExtension},
 )

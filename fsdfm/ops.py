@@ -120,7 +120,9 @@ def _per_sequence(
         if v.dim() == 0:
             v = v.expand(B)
         if tuple(v.shape) != (B,):
-            raise ValueError(f"{name} must be a float or have shape [B] = [{B}], got {tuple(v.shape)}")
+            raise ValueError(
+                f"{name} must be a float or have shape [B] = [{B}], got {tuple(v.shape)}"
+            )
         if v.device != device:
             raise ValueError(f"{name} is on {v.device} but the logits are on {device}")
         return v.to(torch.float32).contiguous()
@@ -157,7 +159,9 @@ def _exclusion(
         _check_tokens(exclude, B, L, device, "exclude")
         return exclude, -1
     if isinstance(exclude, bool) or not isinstance(exclude, int):
-        raise TypeError(f"exclude must be None, a token id or an int64 [B, L] tensor, got {exclude!r}")
+        raise TypeError(
+            f"exclude must be None, a token id or an int64 [B, L] tensor, got {exclude!r}"
+        )
     if not 0 <= exclude < V:
         raise ValueError(f"exclude must be a token id in [0, {V}), got {exclude}")
     return None, exclude
