@@ -153,6 +153,8 @@ def test_invalid_rows_raise(device):
         None,
     )
     assert bool((out == -1).all()), "token ids out of range give -1 rows"
+    out = torch.ops.fsdfm.sample_categorical(logits, x_t - 1, -1, math.inf, 1.0, None)
+    assert bool((out == -1).all()), "in an exclude tensor -1 is out of range, not 'none'"
 
 
 def test_argument_errors(device):

@@ -237,7 +237,10 @@ at::Tensor sample_categorical_cpu(const at::Tensor& logits_in,
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const auto b = static_cast<float>(barrier);
   return draw_rows(logits, rows, draw_seed(generator), [&](int64_t r) {
-    return RowTask{inv_temp, b, ex ? ex[r] : exclude_token, false, 0.0f, 0.0f};
+    // -1 means "no exclusion" only as exclude_token; in the tensor every id must be in [0, V),
+    // so a negative one is passed on as -2, which draw_row rejects (as the CUDA kernel does).
+    const int64_t excluded = ex ? (ex[r] < 0 ? -2 : ex[r]) : exclude_token;
+    return RowTask{inv_temp, b, excluded, false, 0.0f, 0.0f};
   });
 }
 
