@@ -76,7 +76,8 @@ def _logits_of(model, x, t, h, setup: _Setup | None, step: int) -> torch.Tensor:
     ):
         want = f"[{B}, {L}, {setup.vocab_size if setup else 'V'}]"
         raise ValueError(
-            f"model returned logits of shape {tuple(logits.shape)} at step {step}, expected {want}"
+            f"model returned logits of shape {tuple(logits.shape)} at step {int(step)}, "
+            f"expected {want}"
         )
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         logits = logits.float()
@@ -193,6 +194,7 @@ def sample(
     vocab_size: int | None = None,
     device: torch.device | str | None = None,
     schedule: PolynomialSchedule | None = None,
+    cuda_graph: bool = False,
 ):
     """Generate token sequences [B, L] from a discrete flow-matching model in ``steps`` calls.
 
@@ -212,6 +214,8 @@ def sample(
     progress: show a tqdm bar.
     device: where to sample for a bare callable (default: the model's parameters, else CPU).
     schedule: the path's schedule (default kappa_t = t).
+    cuda_graph: on CUDA with the native backend, capture one step in a CUDA graph and replay it
+        for every step but the last (the model must be capturable: no host synchronisation).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -226,12 +230,14 @@ def sample(
     if generator is not None and generator.device.type != setup.device.type:
         raise ValueError(f"generator is for {generator.device} but sampling runs on {setup.device}")
     draw = _Ops(backend, setup.device)
+    if cuda_graph and (setup.device.type != "cuda" or not draw.native):
+        raise ValueError("cuda_graph=True needs sampling on CUDA with the native backend")
     B, L = setup.batch_size, setup.seq_len
     h = 1.0 / steps
-    h_vec = torch.full((B,), h, device=setup.device)
     if setup.vocab_size is None:
         probe = torch.zeros(B, L, dtype=torch.long, device=setup.device)
-        V = _logits_of(model, probe, torch.zeros_like(h_vec), h_vec, None, 0).shape[2]
+        t0 = torch.zeros(B, device=setup.device)
+        V = _logits_of(model, probe, t0, t0 + h, None, 0).shape[2]
         setup = _Setup(B, L, V, setup.source, setup.device)
     init, edit_mask = _frozen_layout(setup, prompt, init, edit_mask)
 
@@ -240,70 +246,147 @@ def sample(
     )
     if edit_mask is not None:
         x = torch.where(edit_mask, x, init)
+    loop = _Loop(
+        model,
+        setup,
+        draw,
+        solver,
+        schedule,
+        h,
+        edit_mask,
+        {"barrier": barrier, "temperature": temperature, "generator": generator},
+    )
     trajectory = [x] if return_trajectory else None
-    invalid = torch.zeros((), dtype=torch.bool, device=setup.device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=setup.device)
-    opts = {"barrier": barrier, "temperature": temperature, "generator": generator, **draw.kw}
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"fsdfm {solver}", unit="step")
+    if cuda_graph and steps > 1:
+        loop.capture(x)
     for k in range(steps):
-        t = k * h
-        t_vec = torch.full((B,), t, device=setup.device)
-        try:
-            logits = _logits_of(model, x, t_vec, h_vec, setup, k + 1)
-            if k < steps - 1:
-                x_new = _move(draw, solver, schedule, logits, x, t, h, opts, generator)
-            else:
-                x_new = _collapse(draw, setup, logits, x, opts)
-        except ValueError as error:  # the references validate every step
-            if "logits[" in str(error):
-                raise ValueError(f"model output at step {k + 1}: {error}") from error
-            raise
-        if draw.native:
-            bad = (x_new < 0).any()
-            first_bad = torch.where(bad & ~invalid, k + 1, first_bad)
-            invalid = invalid | bad
-            x_new = x_new.clamp_min(0)  # keep the next model call in range; reported below
-        x = x_new if edit_mask is None else torch.where(edit_mask, x_new, x)
+        x = loop.step(x, k, last=k == steps - 1)
         if trajectory is not None:
             trajectory.append(x)
         if callback is not None:
-            callback(k + 1, t + h, x)
+            callback(k + 1, (k + 1) * h, x)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    if draw.native and bool(invalid):
-        raise ValueError(
-            f"model output at step {int(first_bad)} had a row with NaN or +inf logits, all -inf, "
-            "or no token within the barrier: no distribution to sample from"
-        )
+    loop.raise_if_invalid()
     if trajectory is not None:
         return x, torch.stack(trajectory)
     return x
 
 
-def _move(draw: _Ops, solver, schedule, logits, x, t, h, opts, generator):
-    """One step of the solver from time t (all steps but the last)."""
-    if solver == "cumulative":
-        return draw.jump_step(logits, x, schedule.cumulative_scalar(t, h), h, **opts)
-    if solver == "euler":
-        return draw.jump_step(logits, x, schedule.euler_scalar(h), h, **opts)
-    # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
-    x_hat = draw.sample_categorical(logits, **opts)
-    p_move = -math.expm1(-h * schedule.dfm_rate(t))
-    u = torch.rand(x.shape, device=x.device, generator=generator)
-    # A -1 (a row the kernel could not sample) is passed on even where no move happens.
-    return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
+class _Loop:
+    """One step of the sampler as device work only (no host synchronisation), so that it can run
+    eagerly or be captured once in a CUDA graph and replayed: the step's time and number live in
+    tensors, and rows the kernels could not sample are accumulated in `invalid` / `first_bad`."""
 
+    def __init__(self, model, setup: _Setup, draw: _Ops, solver, schedule, h, edit_mask, opts):
+        self.model, self.setup, self.draw = model, setup, draw
+        self.solver, self.schedule, self.h, self.edit_mask = solver, schedule, h, edit_mask
+        self.opts = {**opts, **draw.kw}
+        self.generator = opts["generator"]
+        device = setup.device
+        self.t = torch.zeros(setup.batch_size, device=device)
+        self.h_vec = torch.full((setup.batch_size,), h, device=device)
+        self.step_no = torch.zeros((), dtype=torch.long, device=device)
+        self.invalid = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.graph = None  # a captured (non-final) step, replayed on the static tokens `x`
+        self.x = None
 
-def _collapse(draw: _Ops, setup: _Setup, logits, x, opts):
-    """The last step: draw every position (uniform source) or every masked one (mask source)."""
-    if setup.mask_id is None:
-        return draw.sample_categorical(logits, **opts)
-    drawn = draw.sample_categorical(logits, exclude=setup.mask_id, **opts)
-    return torch.where(x == setup.mask_id, drawn, x)
+    def step(self, x: torch.Tensor, k: int, last: bool) -> torch.Tensor:
+        """Tokens after step k + 1 (of time t = k h) from the tokens x before it."""
+        self.t.fill_(k * self.h)
+        self.step_no.fill_(k + 1)
+        if self.graph is not None and not last:
+            self.graph.replay()  # the static buffer holds x: it was the previous step's output
+            return self.x.clone()
+        try:
+            return self._advance(x, last)
+        except ValueError as error:  # the references validate every step and raise at once
+            if "logits[" in str(error):
+                raise ValueError(f"model output at step {k + 1}: {error}") from error
+            raise
+
+    def _advance(self, x: torch.Tensor, last: bool) -> torch.Tensor:
+        logits = _logits_of(self.model, x, self.t, self.h_vec, self.setup, self.step_no)
+        x_new = self._collapse(logits, x) if last else self._move(logits, x)
+        if self.draw.native:
+            bad = (x_new < 0).any()
+            self.first_bad.copy_(torch.where(bad & ~self.invalid, self.step_no, self.first_bad))
+            self.invalid.logical_or_(bad)
+            x_new = x_new.clamp_min(0)  # keeps the next model call in range; reported at the end
+        return x_new if self.edit_mask is None else torch.where(self.edit_mask, x_new, x)
+
+    def _move(self, logits, x):
+        """One step of the solver from time t (all steps but the last); the per-sequence scalars
+        are computed from the time tensor in float64."""
+        t, h = self.t.double(), self.h
+        if self.solver == "cumulative":
+            return self.draw.jump_step(
+                logits, x, self.schedule.cumulative_scalar(t, h), h, **self.opts
+            )
+        if self.solver == "euler":
+            return self.draw.jump_step(logits, x, self.schedule.euler_scalar(h), h, **self.opts)
+        # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
+        x_hat = self.draw.sample_categorical(logits, **self.opts)
+        p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
+        u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
+        # A -1 (a row the kernel could not sample) is passed on even where no move happens.
+        return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
+        if self.solver == "cumulative":
+            return self.draw.jump_step(
+                logits, x, self.schedule.cumulative_scalar(t, h), h, **self.opts
+            )
+        if self.solver == "euler":
+            return self.draw.jump_step(logits, x, self.schedule.euler_scalar(h), h, **self.opts)
+        # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
+        x_hat = self.draw.sample_categorical(logits, **self.opts)
+        p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
+        u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
+        # A -1 (a row the kernel could not sample) is passed on even where no move happens.
+        return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
+
+    def _collapse(self, logits, x):
+        """The last step: every position (uniform source) or every masked one (mask source)."""
+        if self.setup.mask_id is None:
+            return self.draw.sample_categorical(logits, **self.opts)
+        drawn = self.draw.sample_categorical(logits, exclude=self.setup.mask_id, **self.opts)
+        return torch.where(x == self.setup.mask_id, drawn, x)
+
+    def capture(self, x: torch.Tensor) -> None:
+        """Capture one (non-final) step on static buffers. A warm-up step runs first on a side
+        stream (allocations, library handles); its tokens and flags are discarded, but it draws
+        from the generator, so graph runs and eager runs of one seed differ (each reproducible)."""
+        self.x = x.clone()
+
+        def body():
+            self.x.copy_(self._advance(self.x, last=False))
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            body()
+        self.x.copy_(x)
+        self.invalid.zero_()
+        self.first_bad.fill_(-1)
+        self.graph = graph
+
+    def raise_if_invalid(self) -> None:
+        """The one host synchronisation of the loop, after it."""
+        if self.draw.native and bool(self.invalid):
+            raise ValueError(
+                f"model output at step {int(self.first_bad)} had a row with NaN or +inf logits, "
+                "all -inf, or no token within the barrier: no distribution to sample from"
+            )

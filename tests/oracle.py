@@ -23,6 +23,11 @@ class ExactPosterior:
         self.states = torch.tensor(list(itertools.product(range(self.V), repeat=self.L)))
         self.calls = 0
 
+    def to(self, device) -> "ExactPosterior":
+        """Move the tables, so that the oracle runs (and can be captured) on a GPU."""
+        self.q, self.states, self.clean = (v.to(device) for v in (self.q, self.states, self.clean))
+        return self
+
     @property
     def vocab_size(self) -> int:
         return self.V + 1 if self.source == "mask" else self.V
@@ -47,7 +52,7 @@ class ExactPosterior:
 
     def joint_index(self, x: torch.Tensor) -> torch.Tensor:
         """Flat index of each sequence x [B, L] in q.flatten()."""
-        weights = self.V ** torch.arange(self.L - 1, -1, -1)
+        weights = self.V ** torch.arange(self.L - 1, -1, -1, device=x.device)
         return (x * weights).sum(-1)
 
     def product_of_marginals(self) -> torch.Tensor:

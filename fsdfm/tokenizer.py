@@ -1,0 +1,78 @@
+"""Tokenizers that work offline: GPT-2's byte-pair encoding (the released FS-DFM checkpoints'
+vocabulary, V = 50257, end of text 50256) from the ranks file shipped in the package, and a byte
+tokenizer (V = 256) for tiny experiments.
+
+Every tokenizer has ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``eos_id``,
+``vocab_size`` and ``name``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+GPT2_RANKS = ASSETS / "gpt2.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenisation pattern (contractions, letters, numbers, other symbols, white space).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_EOS = "<|endoftext|>"
+
+
+class GPT2Tokenizer:
+    """GPT-2's tokenizer through ``tiktoken``, built from the bundled ranks file."""
+
+    name = "gpt2"
+
+    def __init__(self, ranks_file: Path = GPT2_RANKS):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        ranks = load_tiktoken_bpe(str(ranks_file), expected_hash=GPT2_RANKS_SHA256)
+        self.eos_id = len(ranks)  # 50256
+        self.encoding = tiktoken.Encoding(
+            name="gpt2",
+            pat_str=GPT2_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={GPT2_EOS: self.eos_id},
+        )
+        self.vocab_size = self.encoding.n_vocab  # 50257
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; "<|endoftext|>" in the text is the end-of-text token."""
+        return self.encoding.encode(text, allowed_special={GPT2_EOS})
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: V = 256, end of text = 0 (the NUL byte, absent from text)."""
+
+    name = "byte"
+    vocab_size = 256
+    eos_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        ids = list(ids)
+        if any(not 0 <= i < 256 for i in ids):
+            raise ValueError("byte tokens must be in [0, 256)")
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@cache
+def get_tokenizer(name: str = "gpt2"):
+    """The tokenizer "gpt2" or "byte", offline (the GPT-2 ranks file is checked by sha256)."""
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "byte":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}: choose 'gpt2' or 'byte'")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
