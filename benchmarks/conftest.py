@@ -10,6 +10,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 RESULTS: dict[str, dict[str, float]] = {}
+NOTES: list[str] = []  # free-form closing lines (end-to-end sampling figures)
 
 
 def device_name(device: str) -> str:
@@ -34,9 +35,13 @@ def record(benchmark, key: str, impl: str, nbytes: int, device: str) -> None:
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if NOTES:
+        tr.section("fsdfm: end-to-end sampling")
+        for line in NOTES:
+            tr.write_line(line)
     if not RESULTS:
         return
-    tr = terminalreporter
     tr.section("fsdfm: native vs reference (same run)")
     copy = {k: v for k, v in RESULTS.items() if k.startswith("copy")}
     for key, row in copy.items():

@@ -2,13 +2,35 @@
 
 - :func:`fsdfm.sample`: token sequences from a model in a few steps (the solvers of SPEC 2);
 - :func:`fsdfm.generate`: the same with a tokenizer, text in and text out;
+- :func:`fsdfm.load` / :func:`fsdfm.save` / :func:`fsdfm.convert`: checkpoints (released ``.pth``
+  files, read with ``weights_only=True``; our safetensors directories);
+- :class:`fsdfm.FSDFMTransformer` / :class:`fsdfm.ModelConfig`: the DDiT transformer (SPEC 3);
+- :func:`fsdfm.get_tokenizer`: GPT-2 (offline) and byte tokenizers;
 - :mod:`fsdfm.path`: the schedule, the mixture path, the sources and the solvers' scalars;
 - :mod:`fsdfm.ops`: the per-step sampling ops (fused native kernels and their references).
 """
 
-from fsdfm import ops, path
+from fsdfm import checkpoint, model, ops, path
+from fsdfm.checkpoint import convert, load, save
 from fsdfm.generation import generate
+from fsdfm.model import PRESETS, FSDFMTransformer, ModelConfig, config_from_state_dict
 from fsdfm.solver import sample
+from fsdfm.tokenizer import get_tokenizer
 
-__all__ = ["generate", "ops", "path", "sample"]
+__all__ = [
+    "PRESETS",
+    "FSDFMTransformer",
+    "ModelConfig",
+    "checkpoint",
+    "config_from_state_dict",
+    "convert",
+    "generate",
+    "get_tokenizer",
+    "load",
+    "model",
+    "ops",
+    "path",
+    "sample",
+    "save",
+]
 __version__ = "0.1.0"

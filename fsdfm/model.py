@@ -329,6 +329,8 @@ class FSDFMTransformer(nn.Module):
 
     Input checks never synchronise with a CUDA device: dtype, shape and device are always checked,
     the token-id range only for CPU tensors (an out-of-range id on CUDA fails inside the embedding).
+    With t and h given as float32 [B] tensors on the model's device the forward is device work only,
+    so it can be captured in a CUDA graph (``fsdfm.sample(..., cuda_graph=True)``).
 
     Attributes: ``config`` (the :class:`ModelConfig`), ``autocast_dtype`` (torch.bfloat16: the
     autocast dtype on CUDA; None runs CUDA in the weights' dtype), ``tokenizer_name`` (set by
@@ -367,9 +369,8 @@ class FSDFMTransformer(nn.Module):
         return self
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        state["_compiled"] = None
+        state = self.__dict__.copy()
+        state["_compiled"] = None  # a compiled function is neither copied nor pickled
         return state
 
     # -- forward ---------------------------------------------------------------------------
@@ -395,8 +396,8 @@ class FSDFMTransformer(nn.Module):
         device = self.vocab_embed.weight.device
         if x_t.device != device:
             raise ValueError(f"x_t is on {x_t.device} but the model is on {device}")
-        if x_t.device.type == "cpu" and x_t.numel():
-            lo, hi = int(x_t.min()), int(x_t.max())
+        if x_t.device.type == "cpu" and x_t.numel():  # never on CUDA: it would synchronise
+            lo, hi = (int(v) for v in torch.aminmax(x_t))
             if lo < 0 or hi >= cfg.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"x_t holds token id {bad}, outside [0, {cfg.vocab_size})")
@@ -418,7 +419,7 @@ class FSDFMTransformer(nn.Module):
         # Without autocast, Linear inputs are cast to the weights' dtype (a bf16 model on CPU).
         cast = None if use_autocast else self.vocab_embed.weight.dtype
 
-        # Conditioning in fp32 (outside autocast), as in the released models.
+        # Conditioning outside autocast (fp32 for fp32 weights), as in the released models.
         with _no_cuda_autocast(x_t):
             t_emb = self.time_embedding(t)
             if self.config.step_conditioned:

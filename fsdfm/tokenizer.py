@@ -76,3 +76,54 @@ def get_tokenizer(name: str = "gpt2"):
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class HFTokenizerAdapter:
+    """The slice of a Hugging Face tokenizer's interface that evaluation code uses (calling it on
+    a batch of texts, ``batch_decode``, ``eos_token_id``, ``pad_token_id``), over an fsdfm
+    tokenizer, so that `transformers` models can score text without downloading a tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_id
+        self.pad_token_id = tokenizer.eos_id
+        self.vocab_size = tokenizer.vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __call__(
+        self, texts, *, return_tensors=None, padding=False, truncation=False, max_length=None
+    ):
+        """{"input_ids", "attention_mask"}: lists, or int64 tensors with return_tensors="pt"
+        (right-padded with the pad id when ``padding`` is true)."""
+        single = isinstance(texts, str)
+        ids = [self.tokenizer.encode(t) for t in ([texts] if single else texts)]
+        if truncation and max_length is not None:
+            ids = [i[:max_length] for i in ids]
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if padding or return_tensors == "pt":
+            width = max((len(i) for i in ids), default=0)
+            if not padding and any(len(i) != width for i in ids):
+                raise ValueError("texts of different lengths need padding=True")
+            mask = [[1] * len(i) + [0] * (width - len(i)) for i in ids]
+            ids = [i + [self.pad_token_id] * (width - len(i)) for i in ids]
+        else:
+            mask = [[1] * len(i) for i in ids]
+        if return_tensors == "pt":
+            import torch
+
+            ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+        if single and return_tensors is None:
+            ids, mask = ids[0], mask[0]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i != self.eos_token_id]
+        return self.tokenizer.decode(ids)
+
+    def batch_decode(self, batch, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in batch]

@@ -171,3 +171,28 @@ def test_chisquare_has_power():
     assert chisquare_rows(out, wrong)[0] < 1e-6
     with pytest.raises(AssertionError, match="zero-probability"):
         chisquare_rows(out, torch.nn.functional.one_hot(out[:1], V).double()[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sample_categorical_law_gpt2_vocabulary(device, impl):
+    """V = 50257 with the mask-style exclusion of the last id and a finite barrier."""
+    R, rows, V = 300, 2, 50257
+    logits = make_logits(
+        R, rows, V, dtype=torch.bfloat16, device=device, strided=True, neg_inf=True, scale=3.0
+    )
+    g = torch.Generator(device).manual_seed(11)
+    out = IMPLS[impl][1](logits, exclude=V - 1, barrier=8.0, generator=g)
+    assert_law(out, sample_law(logits[:1].cpu(), exclude=V - 1, barrier=8.0)[0])
+
+
+def test_vocabulary_of_2_to_the_20(device):
+    """The largest vocabulary the kernels promise: the draw lands on the planted tokens."""
+    V = 1 << 20
+    logits = torch.full((2, 2, V), -30.0, device=device)
+    logits[..., V - 2] = 5.0
+    logits[..., 12345] = 5.0
+    g = torch.Generator(device).manual_seed(12)
+    out = ops.sample_categorical(logits, barrier=1.0, generator=g)
+    assert bool(((out == V - 2) | (out == 12345)).all())
+    x_t = torch.full((2, 2), 12345, device=device)
+    assert bool((ops.jump_step(logits, x_t, 1e9, 1.0, barrier=1.0, generator=g) == V - 2).all())

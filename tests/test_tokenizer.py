@@ -56,3 +56,17 @@ def test_byte_tokenizer():
 def test_unknown_tokenizer():
     with pytest.raises(ValueError, match="unknown tokenizer 'bert'"):
         get_tokenizer("bert")
+
+
+def test_hf_adapter():
+    from fsdfm.tokenizer import HFTokenizerAdapter
+
+    hf = HFTokenizerAdapter(get_tokenizer("gpt2"))
+    assert hf.eos_token_id == 50256 and len(hf) == 50257
+    batch = hf(["Hello world", "Hello"], return_tensors="pt", padding=True)
+    assert batch["input_ids"].tolist() == [[15496, 995], [15496, 50256]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert hf("Hello world")["input_ids"] == [15496, 995]
+    assert hf.batch_decode(batch["input_ids"], skip_special_tokens=True) == ["Hello world", "Hello"]
+    with pytest.raises(ValueError, match="need padding"):
+        hf(["Hello world", "Hello"], return_tensors="pt")

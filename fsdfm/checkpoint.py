@@ -1,0 +1,431 @@
+"""Loading and saving FS-DFM / DFM models (SPEC 3): released ``.pth`` files and our own format.
+
+Two formats are read by :func:`load`:
+
+- a released-style ``.pth`` torch pickle, read ONLY with ``torch.load(weights_only=True)`` (a file
+  holding anything but tensors and plain containers is refused, never executed). The weights lie
+  under ``model`` (a DFM file) or ``student_model``, ``student_ema_model`` and ``teacher_model``
+  (an FS-DFM file), possibly nested inside other entries, next to optimiser states, counters and
+  so on; ``_orig_mod.`` (torch.compile) and ``module.`` (DDP) key prefixes are stripped. A bare
+  state dict (``torch.save(model.state_dict())``) is read as ``model``. The config is read off the
+  shapes (:func:`fsdfm.model.config_from_state_dict`);
+- a directory written by :func:`save`: ``model.safetensors`` (no pickle) and ``config.json`` (the
+  :class:`~fsdfm.model.ModelConfig` fields, ``tokenizer`` and the format version). A lone
+  ``.safetensors`` file is read like a bare state dict.
+
+:func:`convert` turns a released file into such a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import uuid
+import zipfile
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fsdfm.model import GPT2_VOCAB, FSDFMTransformer, ModelConfig, config_from_state_dict
+
+__all__ = ["FORMAT_VERSION", "WEIGHT_CHOICES", "convert", "load", "read_state_dict", "save"]
+
+FORMAT = "fsdfm"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+ROTARY_KEY = "rotary_emb.inv_freq"
+
+# `weights=` choice -> the entry of a released file that holds those weights.
+WEIGHT_CHOICES = {
+    "ema": "student_ema_model",
+    "student": "student_model",
+    "teacher": "teacher_model",
+    "model": "model",
+}
+_DEFAULT_ORDER = ("ema", "student", "model", "teacher")  # the first present is the default
+_ENTRY_TO_CHOICE = {entry: choice for choice, entry in WEIGHT_CHOICES.items()}
+_PREFIXES = ("_orig_mod.", "module.")
+_MAX_DEPTH = 4  # how deep the named entries are searched for in nested dicts
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    weights: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seq_len: int | None = None,
+    source: str | None = None,
+) -> FSDFMTransformer:
+    """An :class:`~fsdfm.model.FSDFMTransformer` in eval mode from a checkpoint.
+
+    path: a released-style ``.pth`` file, a directory written by :func:`save`, or a
+        ``.safetensors`` state dict.
+    weights: which model of a ``.pth`` file: "ema" (the student's EMA, the default where
+        present), "student", "teacher" or, for a DFM file, "model" (its only model, the default).
+        A directory holds one model: None.
+    dtype: cast the floating-point weights (e.g. torch.bfloat16; the rotary frequencies stay
+        fp32). None keeps the stored dtype (fp32 where a file mixes dtypes).
+    device: where the model goes (default CPU).
+    seq_len, source: override the config (a ``.pth`` file does not record them: seq_len
+        defaults to 1024, source to "mask" for a vocabulary of 50258 and "uniform" otherwise).
+
+    The model's ``tokenizer_name`` is the directory's ``tokenizer``, or for a ``.pth`` file
+    "gpt2" when the vocabulary is GPT-2's (50257 real tokens), else None.
+    """
+    path = Path(path)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    state_dict, config, tokenizer, where = _read(path, weights, seq_len, source)
+    model = _build(config, state_dict, where, dtype)
+    model.tokenizer_name = tokenizer
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def read_state_dict(
+    path: str | os.PathLike, *, weights: str | None = None
+) -> tuple[dict[str, Tensor], ModelConfig]:
+    """(state dict, config) from any checkpoint :func:`load` reads, without building a model: the
+    state dict has SPEC 3's names (prefixes stripped), on CPU, in the stored dtypes."""
+    state_dict, config, _, _ = _read(Path(path), weights, None, None)
+    return state_dict, config
+
+
+def _read(path: Path, weights, seq_len, source):
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise ValueError(
+            f"weights must be None or one of {sorted(WEIGHT_CHOICES)}, got {weights!r}"
+        )
+    if path.is_dir():
+        if weights not in (None, "model"):
+            raise ValueError(
+                f"{path} is a saved model directory holding one model: weights must be None, "
+                f"got {weights!r}"
+            )
+        state_dict, config, tokenizer = _read_directory(path)
+        changes = {k: v for k, v in (("seq_len", seq_len), ("source", source)) if v is not None}
+        config = config.replace(**changes) if changes else config
+        return state_dict, config, tokenizer, str(path)
+
+    if path.suffix == ".safetensors":
+        if weights not in (None, "model"):
+            raise ValueError(f"{path} holds one state dict: weights must be None, got {weights!r}")
+        state_dict, _ = _read_safetensors(path)
+        entry, where = "model", str(path)
+    else:
+        obj = _torch_load(path)
+        entry, state_dict = _select(obj, weights, path)
+        where = f"{path} [{entry}]"
+    state_dict = _strip_prefixes(state_dict, where)
+    try:
+        config = config_from_state_dict(
+            state_dict, seq_len=1024 if seq_len is None else seq_len, source=source
+        )
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    tokenizer = "gpt2" if config.real_vocab_size == GPT2_VOCAB else None
+    return state_dict, config, tokenizer, where
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only=True (mmap for zip files: only the tensors used are read)."""
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers{what}: refused, "
+            "nothing in it was executed. Only weights-only checkpoints are loaded."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
+        if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise ValueError(
+            f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from None
+
+
+def _is_state_dict(value) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+    )
+
+
+def _find_entries(obj) -> dict[str, Mapping]:
+    """The named model state dicts in a loaded file: {entry: state dict}, shallowest first."""
+    if _is_state_dict(obj):
+        return {"model": obj}
+    found: dict[str, Mapping] = {}
+    queue = deque([(obj, 0)])
+    while queue:
+        node, depth = queue.popleft()
+        if not isinstance(node, Mapping):
+            continue
+        for key, value in node.items():
+            if key in _ENTRY_TO_CHOICE and _is_state_dict(value):
+                found.setdefault(key, value)
+            elif isinstance(value, Mapping) and depth < _MAX_DEPTH:
+                queue.append((value, depth + 1))
+    return found
+
+
+def _select(obj, weights: str | None, path: Path) -> tuple[str, Mapping]:
+    found = _find_entries(obj)
+    if not found:
+        top = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(
+            f"{path}: unknown checkpoint layout: no model state dict under 'model' (DFM) or "
+            f"'student_model' / 'student_ema_model' / 'teacher_model' (FS-DFM); top-level "
+            f"keys found: {top}"
+        )
+    available = [c for c in _DEFAULT_ORDER if WEIGHT_CHOICES[c] in found]
+    choice = available[0] if weights is None else weights
+    if choice not in available:
+        kind = "an FS-DFM" if "model" not in available else "a DFM"
+        raise ValueError(
+            f"{path} is {kind} checkpoint without {WEIGHT_CHOICES[choice]!r}: weights must be "
+            f"None or one of {available}, got {weights!r}"
+        )
+    entry = WEIGHT_CHOICES[choice]
+    return entry, found[entry]
+
+
+def _strip_prefixes(state_dict: Mapping, where: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise ValueError(f"{where}: two keys become {name!r} once prefixes are stripped")
+        out[name] = value
+    return out
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from None
+
+
+def _read_directory(path: Path) -> tuple[dict[str, Tensor], ModelConfig, str | None]:
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a saved fsdfm model: {needed.name} is missing "
+                f"(a directory needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+            )
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path} must hold a JSON object")
+    data = dict(data)
+    fmt, version = data.pop("format", None), data.pop("format_version", None)
+    if fmt != FORMAT:
+        raise ValueError(f"{config_path}: format is {fmt!r}, expected {FORMAT!r}")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path}: format_version {version!r} is not supported (this fsdfm reads "
+            f"versions up to {FORMAT_VERSION}; upgrade fsdfm)"
+        )
+    tokenizer = data.pop("tokenizer", None)
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise ValueError(f"{config_path}: tokenizer must be a string or null, got {tokenizer!r}")
+    try:
+        config = ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    state_dict, metadata = _read_safetensors(weights_path)
+    if "config" in metadata and json.loads(metadata["config"]) != config.to_dict():
+        raise ValueError(
+            f"{path}: {CONFIG_FILE} and {WEIGHTS_FILE} record different configs (an interrupted "
+            "save, or files from two models?)"
+        )
+    return state_dict, config, tokenizer
+
+
+def _build(
+    config: ModelConfig, state_dict: Mapping, where: str, dtype: torch.dtype | None
+) -> FSDFMTransformer:
+    """The model with exactly these weights; clear errors for missing / unexpected keys and
+    wrong shapes. The tensors are copied (never left backed by the file)."""
+    with torch.device("meta"):
+        model = FSDFMTransformer(config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)}")
+    for key, want in expected.items():
+        got = state_dict.get(key)
+        if got is None:
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(
+                f"{key!r} has shape {tuple(got.shape)} in the checkpoint but the model "
+                f"({_describe(config)}) expects {tuple(want.shape)}"
+            )
+        elif not got.is_floating_point():
+            problems.append(f"{key!r} has dtype {got.dtype}, expected floating point")
+    if problems:
+        raise ValueError(f"{where}: the weights do not fit the model: " + "; ".join(problems))
+
+    stored = {v.dtype for k, v in state_dict.items() if k != ROTARY_KEY}
+    target = dtype if dtype is not None else (stored.pop() if len(stored) == 1 else torch.float32)
+    weights = {}
+    for key, value in state_dict.items():
+        want = torch.float32 if key == ROTARY_KEY else target
+        # .to() copies when the dtype changes; clone otherwise (file-backed mmap tensors).
+        weights[key] = value.to(want) if value.dtype != want else value.clone()
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
+def _describe(config: ModelConfig) -> str:
+    kind = "student" if config.step_conditioned else "teacher"
+    return (
+        f"{kind}, V {config.vocab_size}, d {config.dim}, {config.n_blocks} blocks, "
+        f"{config.n_heads} heads, c {config.cond_dim}"
+    )
+
+
+def _listing(keys: list[str], n: int = 6) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > n else ''}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# save / convert
+
+
+def _unwrap(model):
+    """The FSDFMTransformer inside torch.compile / DDP wrappers."""
+    while not isinstance(model, FSDFMTransformer):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None or inner is model:
+            raise TypeError(f"save needs an FSDFMTransformer, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def _tokenizer_name(tokenizer, model) -> str | None:
+    if tokenizer is None:
+        return getattr(model, "tokenizer_name", None)
+    if isinstance(tokenizer, str):
+        return tokenizer
+    for attribute in ("name_or_path", "name"):
+        name = getattr(tokenizer, attribute, None)
+        if isinstance(name, str) and name:
+            return name
+    raise TypeError(
+        f"tokenizer must be a name (str), None or an object with a name, got {tokenizer!r}"
+    )
+
+
+def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
+    """Write ``model`` to ``directory`` (created if needed): ``model.safetensors`` (the exact
+    tensors, in their dtypes) and ``config.json`` (the config, ``tokenizer`` and the format
+    version). Each file is written under a temporary name and renamed into place, so a reader
+    never sees a half-written file; the config is also stored in the safetensors metadata and
+    :func:`load` refuses a pair whose configs differ. Returns the directory.
+
+    tokenizer: the tokenizer's name (e.g. "gpt2"), an object with ``name_or_path`` / ``name``,
+        or None for the model's ``tokenizer_name``.
+    """
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    name = _tokenizer_name(tokenizer, model)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    config = model.config.to_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(config),
+    }
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, **config, "tokenizer": name}
+
+    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_weights = directory / (WEIGHTS_FILE + tag)
+    tmp_config = directory / (CONFIG_FILE + tag)
+    try:
+        save_file(tensors, str(tmp_weights), metadata=metadata)
+        _fsync(tmp_weights)
+        with open(tmp_config, "w") as f:
+            json.dump(document, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_weights, directory / WEIGHTS_FILE)
+        os.replace(tmp_config, directory / CONFIG_FILE)
+        _fsync(directory)
+    finally:
+        for tmp in (tmp_weights, tmp_config):
+            tmp.unlink(missing_ok=True)
+    return directory
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def convert(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    weights: str | None = None,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Load a released ``.pth`` (``weights`` as in :func:`load`) and :func:`save` it as a
+    safetensors directory. tokenizer: None keeps the inferred one ("gpt2" for GPT-2's
+    vocabulary); dtype optionally casts the weights. Returns the directory."""
+    model = load(src, weights=weights, dtype=dtype)
+    return save(model, out_dir, tokenizer=tokenizer)

@@ -1,0 +1,80 @@
+"""The `fsdfm` command: convert a released-layout file, sample from it, errors as one line."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fsdfm
+from fsdfm.cli import main
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A released-style FS-DFM .pth with a tiny random student on the byte vocabulary."""
+    config = fsdfm.ModelConfig(
+        vocab_size=256,
+        dim=64,
+        n_blocks=1,
+        n_heads=1,
+        cond_dim=32,
+        seq_len=32,
+        step_conditioned=True,
+    )
+    torch.manual_seed(0)
+    models = {}
+    for name in ("student_model", "student_ema_model"):
+        m = fsdfm.FSDFMTransformer(config)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.05)
+        models[name] = m.state_dict()
+    path = tmp_path_factory.mktemp("released") / "fsdfm.pth"
+    torch.save({**models, "optimizer": {"step": 3}, "epoch": 1}, path)
+    return path
+
+
+def test_convert_then_sample(released, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert main(["convert", str(released), str(out), "--weights", "ema"]) == 0
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    args = [
+        "sample",
+        "hi",
+        "--model",
+        str(out),
+        "--tokenizer",
+        "byte",
+        "--steps",
+        "4",
+        "--length",
+        "16",
+        "-n",
+        "2",
+        "--seed",
+        "7",
+    ]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert first.out.count("=== sample") == 2 and "hi" in first.out
+    assert "tokens/s" in first.err
+    assert main(args) == 0
+    assert capsys.readouterr().out == first.out, "same seed, same text"
+
+
+def test_user_errors_are_one_line(released, tmp_path, capsys):
+    assert main(["sample", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fsdfm sample: error:") and err.count("\n") == 1
+    assert main(["sample", "--model", str(released)]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(released), "--steps", "0"])
+
+
+def test_python_dash_m(released):
+    done = subprocess.run(
+        [sys.executable, "-m", "fsdfm", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "sample" in done.stdout and "convert" in done.stdout
