@@ -187,7 +187,7 @@ def _raise_invalid_rows(
     raise ValueError(f"{name}[{b}, {pos}] {what}: no distribution to sample from")
 
 
-def _prepare(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
+def _prepare_jump(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
     B, L, V = _check_rows(logits, "logits")
     _check_tokens(x_t, B, L, logits.device, "x_t")
     _check_scalars(barrier, temperature)
@@ -197,6 +197,28 @@ def _prepare(logits, x_t, rate_scale, h, barrier, temperature, generator, valida
     rate_scale = _per_sequence(rate_scale, B, logits.device, "rate_scale")
     h = _per_sequence(h, B, logits.device, "h", positive=True)
     return rate_scale, h
+
+
+def _prepare_generator(probs, x_t, rate_scale, barrier, validate):
+    B, L, V = _check_rows(probs, "probs")
+    _check_tokens(x_t, B, L, probs.device, "x_t")
+    _check_scalars(barrier, 1.0)
+    if validate:
+        _check_token_range(x_t, V, "x_t")
+        if bool(probs.isnan().any()) or bool((probs < 0).any()):
+            raise ValueError("probs must be non-negative and free of NaN")
+    return _per_sequence(rate_scale, B, probs.device, "rate_scale")
+
+
+def _prepare_sample(logits, exclude, barrier, temperature, generator, validate):
+    """(exclusion tensor, exclusion token) after the checks of sample_categorical(_ref)."""
+    B, L, V = _check_rows(logits, "logits")
+    _check_scalars(barrier, temperature)
+    _check_generator(generator, logits.device)
+    ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
+    if validate and ex_tensor is not None:
+        _check_token_range(ex_tensor, V, "exclude")
+    return ex_tensor, ex_token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,14 +239,7 @@ def probs_to_generator(
     ``probs`` [B, L, V] must be non-negative (rows need not sum to one); with ``validate`` NaN or
     negative entries raise, otherwise such rows come back as NaN.
     """
-    B, L, V = _check_rows(probs, "probs")
-    _check_tokens(x_t, B, L, probs.device, "x_t")
-    _check_scalars(barrier, 1.0)
-    if validate:
-        _check_token_range(x_t, V, "x_t")
-        if bool(probs.isnan().any()) or bool((probs < 0).any()):
-            raise ValueError("probs must be non-negative and free of NaN")
-    rate_scale = _per_sequence(rate_scale, B, probs.device, "rate_scale")
+    rate_scale = _prepare_generator(probs, x_t, rate_scale, barrier, validate)
     _require_native(probs.device)
     return torch.ops.fsdfm.probs_to_generator(probs, x_t, rate_scale, float(barrier))
 
@@ -243,7 +258,9 @@ def jump_step(
     """x_next [B, L]: stay at x_t with probability exp(-h * lambda), else jump to x ~ p on the
     reachable x != x_t, where p = softmax(logits / temperature) and
     lambda = max(rate_scale, 0) * sum_{reachable x != x_t} p(x). Fused: one pass over the logits."""
-    rate_scale, h = _prepare(logits, x_t, rate_scale, h, barrier, temperature, generator, validate)
+    rate_scale, h = _prepare_jump(
+        logits, x_t, rate_scale, h, barrier, temperature, generator, validate
+    )
     _require_native(logits.device)
     out = torch.ops.fsdfm.jump_step(
         logits, x_t, rate_scale, h, float(barrier), float(temperature), generator
@@ -264,12 +281,9 @@ def sample_categorical(
 ) -> torch.Tensor:
     """tokens [B, L] drawn from p = softmax(logits / temperature) restricted to the reachable
     tokens other than ``exclude`` (None, one token id for all positions, or int64 [B, L])."""
-    B, L, V = _check_rows(logits, "logits")
-    _check_scalars(barrier, temperature)
-    _check_generator(generator, logits.device)
-    ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
-    if validate and ex_tensor is not None:
-        _check_token_range(ex_tensor, V, "exclude")
+    ex_tensor, ex_token = _prepare_sample(
+        logits, exclude, barrier, temperature, generator, validate
+    )
     _require_native(logits.device)
     out = torch.ops.fsdfm.sample_categorical(
         logits, ex_tensor, ex_token, float(barrier), float(temperature), generator
@@ -316,14 +330,8 @@ def probs_to_generator_ref(
     validate: bool = True,
 ) -> torch.Tensor:
     """Reference of :func:`probs_to_generator` (one-hot, difference, clip, all materialised)."""
-    B, L, V = _check_rows(probs, "probs")
-    _check_tokens(x_t, B, L, probs.device, "x_t")
-    _check_scalars(barrier, 1.0)
-    if validate:
-        _check_token_range(x_t, V, "x_t")
-        if bool(probs.isnan().any()) or bool((probs < 0).any()):
-            raise ValueError("probs must be non-negative and free of NaN")
-    rate_scale = _per_sequence(rate_scale, B, probs.device, "rate_scale")
+    rate_scale = _prepare_generator(probs, x_t, rate_scale, barrier, validate)
+    V = probs.shape[2]
     p = probs.float()
     one_hot = torch.nn.functional.one_hot(x_t, V).float()
     rates = rate_scale[:, None, None] * (p - one_hot)
@@ -353,7 +361,9 @@ def jump_step_ref(
 ) -> torch.Tensor:
     """Reference of :func:`jump_step`: softmax, generator tensor, total rate, Bernoulli jump,
     float64 multinomial over the rates of the jumping positions."""
-    rate_scale, h = _prepare(logits, x_t, rate_scale, h, barrier, temperature, generator, validate)
+    rate_scale, h = _prepare_jump(
+        logits, x_t, rate_scale, h, barrier, temperature, generator, validate
+    )
     if validate:
         _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
     B, L, V = logits.shape
@@ -386,13 +396,11 @@ def sample_categorical_ref(
     validate: bool = True,
 ) -> torch.Tensor:
     """Reference of :func:`sample_categorical`: softmax, masks, float64 multinomial."""
-    B, L, V = _check_rows(logits, "logits")
-    _check_scalars(barrier, temperature)
-    _check_generator(generator, logits.device)
-    ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
+    ex_tensor, ex_token = _prepare_sample(
+        logits, exclude, barrier, temperature, generator, validate
+    )
+    B, L, V = logits.shape
     if validate:
-        if ex_tensor is not None:
-            _check_token_range(ex_tensor, V, "exclude")
         _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     reachable = _reachable(probs, barrier)

@@ -339,18 +339,6 @@ class _Loop:
         u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
         # A -1 (a row the kernel could not sample) is passed on even where no move happens.
         return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
-        if self.solver == "cumulative":
-            return self.draw.jump_step(
-                logits, x, self.schedule.cumulative_scalar(t, h), h, **self.opts
-            )
-        if self.solver == "euler":
-            return self.draw.jump_step(logits, x, self.schedule.euler_scalar(h), h, **self.opts)
-        # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
-        x_hat = self.draw.sample_categorical(logits, **self.opts)
-        p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
-        u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
-        # A -1 (a row the kernel could not sample) is passed on even where no move happens.
-        return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
 
     def _collapse(self, logits, x):
         """The last step: every position (uniform source) or every masked one (mask source)."""
