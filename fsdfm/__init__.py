@@ -7,10 +7,13 @@
 - :class:`fsdfm.FSDFMTransformer` / :class:`fsdfm.ModelConfig`: the DDiT transformer (SPEC 3);
 - :func:`fsdfm.get_tokenizer`: GPT-2 (offline) and byte tokenizers;
 - :mod:`fsdfm.path`: the schedule, the mixture path, the sources and the solvers' scalars;
-- :mod:`fsdfm.ops`: the per-step sampling ops (fused native kernels and their references).
+- :mod:`fsdfm.ops`: the per-step sampling ops (fused native kernels and their references);
+- :mod:`fsdfm.metrics`: generative perplexity, entropy, exact NLL and total variation;
+- :mod:`fsdfm.training` and :mod:`fsdfm.data` (imported on use): DFM pre-training and FS-DFM
+  distillation (``fsdfm pretrain`` / ``fsdfm distill``) on token streams.
 """
 
-from fsdfm import checkpoint, model, ops, path
+from fsdfm import checkpoint, metrics, model, ops, path
 from fsdfm.checkpoint import convert, load, save
 from fsdfm.generation import generate
 from fsdfm.model import PRESETS, FSDFMTransformer, ModelConfig, config_from_state_dict
@@ -27,6 +30,7 @@ __all__ = [
     "generate",
     "get_tokenizer",
     "load",
+    "metrics",
     "model",
     "ops",
     "path",

@@ -3,6 +3,8 @@
     fsdfm sample [PROMPT] --model PATH [--steps 8] [--length N] [-n N] [--seed S] ...
     fsdfm convert IN.pth OUT_DIR [--weights ema|student|teacher|model] [--dtype bf16]
     fsdfm demo                      one fused FS-DFM step at GPT-2 scale, native vs reference
+    fsdfm pretrain --data PATH --out DIR [--preset tiny] [--config FILE.yaml] ...
+    fsdfm distill --teacher DIR --data PATH --out DIR [--teacher-type rk4|heun] ...
 
 User mistakes (a missing file, a bad flag value) end with one line on stderr and exit status 2.
 """
@@ -95,6 +97,18 @@ def _demo(args) -> None:
         print(f"  {name:<9} {ms:8.1f} ms   jumped {moved:.3f} of positions (law: {expected:.3f})")
 
 
+def _pretrain(args) -> None:
+    from fsdfm import training
+
+    training.main(args, "pretrain")
+
+
+def _distill(args) -> None:
+    from fsdfm import training
+
+    training.main(args, "distill")
+
+
 def _positive(kind):
     def parse(text):
         value = kind(text)
@@ -182,6 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="one fused FS-DFM step, native kernel vs reference")
     d.set_defaults(run=_demo)
+
+    from fsdfm.training import add_arguments
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pre-train a DFM teacher on text",
+        description="Pre-train a DFM model (SPEC 4.1) into --out: model/ (fsdfm.load), "
+        "state.pt, config.yaml, metrics.jsonl. Re-running on the same --out resumes; under "
+        "torchrun the processes share the global batch.",
+    )
+    add_arguments(p, "pretrain")
+    p.set_defaults(run=_pretrain)
+
+    t = sub.add_parser(
+        "distill",
+        help="distil a DFM teacher into a few-step FS-DFM student",
+        description="FS-DFM distillation (SPEC 4.2): the student starts from --teacher and learns "
+        "steps of every size from a shortcut teacher (rk4 or heun) built from its own EMA.",
+    )
+    add_arguments(t, "distill")
+    t.set_defaults(run=_distill)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Tokenizers that work offline: GPT-2's byte-pair encoding (the released FS-DFM checkpoints'
-vocabulary, V = 50257, end of text 50256) from the ranks file shipped in the package, and a byte
-tokenizer (V = 256) for tiny experiments.
+vocabulary, V = 50257, end of text 50256) from the ranks file shipped in the package, a byte
+tokenizer (V = 256) for tiny experiments, and byte-level BPEs of any vocabulary size trained
+with Hugging Face ``tokenizers`` (:func:`train_bpe`) and loaded from their ``tokenizer.json``.
 
 Every tokenizer has ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``eos_id``,
 ``vocab_size`` and ``name``.
@@ -64,14 +65,85 @@ class ByteTokenizer:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+BPE_EOS = GPT2_EOS  # the same end-of-text marker as GPT-2's, so texts can hold it alike
+
+
+class BPETokenizer:
+    """A byte-level BPE saved by Hugging Face ``tokenizers`` (see :func:`train_bpe`): every
+    string round-trips, "<|endoftext|>" is the end-of-text token. ``name`` is the path it was
+    loaded from, so ``get_tokenizer(tok.name)`` loads it again."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        self.name = str(path)
+        self.tokenizer = Tokenizer.from_file(str(file))
+        eos_id = self.tokenizer.token_to_id(BPE_EOS)
+        if eos_id is None:
+            raise ValueError(f"{file} has no {BPE_EOS} token")
+        self.eos_id = eos_id
+        self.vocab_size = self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; "<|endoftext|>" in the text is the end-of-text token."""
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [int(i) for i in ids]
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def train_bpe(text_files, vocab_size: int, out_path: str | Path) -> BPETokenizer:
+    """Trains a byte-level BPE of ``vocab_size`` tokens (end of text included) on UTF-8 text
+    files and saves it as ``out_path`` (a tokenizer.json; a directory gets one inside).
+
+    Byte level, like GPT-2's: the 256 byte symbols are all in the vocabulary whatever the
+    corpus, so any string encodes and decodes back unchanged, and GPT-2's pre-tokenisation
+    (words with their leading space, numbers, punctuation runs) keeps merges within words.
+    "<|endoftext|>" is token 0. Merges need a pair to occur at least twice, so a small corpus
+    can give fewer than ``vocab_size`` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size <= 257:
+        raise ValueError(f"vocab_size must exceed the 256 bytes and end of text, got {vocab_size}")
+    out = Path(out_path)
+    if out.is_dir():
+        out = out / "tokenizer.json"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[BPE_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(f) for f in text_files], trainer)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out))
+    return BPETokenizer(out)
+
+
 @cache
 def get_tokenizer(name: str = "gpt2"):
-    """The tokenizer "gpt2" or "byte", offline (the GPT-2 ranks file is checked by sha256)."""
+    """The tokenizer "gpt2" or "byte", offline (the GPT-2 ranks file is checked by sha256), or
+    a :class:`BPETokenizer` from a path to its tokenizer.json or to a directory holding one."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "byte":
         return ByteTokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}: choose 'gpt2' or 'byte'")
+    path = Path(name)
+    if path.is_file() or (path / "tokenizer.json").is_file():
+        return BPETokenizer(path)
+    raise ValueError(
+        f"unknown tokenizer {name!r}: choose 'gpt2', 'byte' or a path to a tokenizer.json "
+        "(or to a directory holding one)"
+    )
 
 
 def sha256_of(path: Path) -> str:

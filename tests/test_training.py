@@ -1,0 +1,507 @@
+"""fsdfm.training: losses, the (h, t) law, the student's initialisation, the shortcut teachers
+(hand-worked), pre-training and distillation runs, exact resumption, atomic checkpoints under
+kill -9, two-process DDP against one process, and the CLI (YAML + flags, one-line errors)."""
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import chisquare
+
+import fsdfm
+from fsdfm import training
+from fsdfm.cli import main
+from fsdfm.model import FSDFMTransformer, ModelConfig
+from fsdfm.training import (
+    config_from_sources,
+    cross_entropy,
+    forward_kl,
+    generalized_kl,
+    learning_rate,
+    sample_step_sizes,
+    shortcut_teacher,
+    student_from_teacher,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "birds sing at dawn. "]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A learnable byte-level corpus: three sentences in a random order (about 30 KB)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(rng.choice(SENTENCES) for _ in range(1200)))
+    return path
+
+
+def tiny(corpus, out, **overrides):
+    """A TrainConfig for quick CPU runs of the tiny preset on the byte corpus."""
+    options = {
+        "data": str(corpus),
+        "out": str(out),
+        "tokenizer": "byte",
+        "seq_len": 32,
+        "batch_size": 4,
+        "steps": 12,
+        "lr": 1e-3,
+        "log_every": 1,
+        "eval_every": 6,
+        "save_every": 5,
+        "device": "cpu",
+    }
+    mode = overrides.pop("mode", "pretrain")
+    if mode == "pretrain":
+        options["preset"] = "tiny"
+    options.update(overrides)
+    return config_from_sources(mode, None, options)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny DFM teacher on the byte vocabulary with random (non-zero) weights."""
+    torch.manual_seed(0)
+    model = FSDFMTransformer(ModelConfig.preset("tiny", vocab_size=256, seq_len=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return fsdfm.save(model, tmp_path_factory.mktemp("teacher") / "model", tokenizer="byte")
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and schedules
+
+
+def test_losses_against_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 3, 5, 7
+    logits = torch.randn(B, L, V, generator=g) * 2
+    x_1 = torch.randint(0, V, (B, L), generator=g)
+    x_t = torch.where(torch.rand(B, L, generator=g) < 0.5, x_1, torch.randint(0, V, (B, L)))
+    t = torch.tensor([0.0, 0.3, 0.9])
+
+    expected_ce = F.cross_entropy(logits.reshape(-1, V), x_1.reshape(-1), reduction="none")
+    torch.testing.assert_close(cross_entropy(logits, x_1), expected_ce.reshape(B, L))
+
+    p = logits.softmax(-1)
+    p1 = p.gather(-1, x_1[..., None])[..., 0]
+    pt = p.gather(-1, x_t[..., None])[..., 0]
+    factor = (1 / (1 - t))[:, None]  # kappa = t: kdot / (1 - kappa)
+    expected = torch.where(x_t == x_1, factor * (1 - p1), -factor * (pt + p1.log()))
+    torch.testing.assert_close(generalized_kl(logits, x_1, x_t, t), expected)
+    # t -> 1: the factor is clamped (1 - kappa >= 1e-8), so the loss stays finite
+    assert generalized_kl(logits, x_1, x_t, torch.ones(B)).isfinite().all()
+
+    student = torch.randn(B, L, V, generator=g, requires_grad=True)
+    kl = forward_kl(logits, student)
+    expected_kl = F.kl_div(
+        student.log_softmax(-1), logits.log_softmax(-1), log_target=True, reduction="none"
+    ).sum(-1)
+    torch.testing.assert_close(kl, expected_kl)
+    kl.sum().backward()
+    torch.testing.assert_close(student.grad, student.softmax(-1) - p)  # d KL / d l_S
+    assert forward_kl(logits, logits).abs().max() < 1e-5
+
+
+def test_learning_rate_warmup_then_cosine():
+    lr = [learning_rate(s, lr=1.0, steps=110, warmup=10) for s in range(110)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))
+    assert learning_rate(10**6, lr=1.0, steps=110, warmup=10) == pytest.approx(0.1)
+
+
+def test_step_size_and_time_law():
+    g = torch.Generator().manual_seed(1)
+    n = 60000
+    h, t = sample_step_sizes(n, 1024, g)
+    k = (-torch.log2(h)).round().long()
+    assert torch.equal(2.0 ** (-k.double()), h) and k.min() >= 0 and k.max() <= 10
+    observed = torch.bincount(k, minlength=11).double()
+    weights = 2.0 ** torch.arange(11, dtype=torch.float64)  # proportional to 1/h
+    assert chisquare(observed, weights / weights.sum() * n).pvalue > 1e-3
+    assert abs(observed[10] / n - 0.5) < 0.01  # half the draws are h = 1/1024
+    j = t * 1024
+    assert torch.equal(j, j.round()) and (t >= 0).all() and (t + h <= 1).all()
+    assert (t[h == 1] == 0).all()
+
+    # the joint law (h, t) on a small grid: P(k) = 2^k / 15, j | k uniform on 0..8 - 8/2^k
+    h, t = sample_step_sizes(n, 8, g)
+    k, j = (-torch.log2(h)).round().long(), (t * 8).round().long()
+    cells, probs = [], []
+    for level in range(4):
+        top = 8 - 8 // 2**level
+        for value in range(top + 1):
+            cells.append(((k == level) & (j == value)).sum().item())
+            probs.append(2**level / 15 / (top + 1))
+    assert sum(cells) == n
+    assert chisquare(cells, torch.tensor(probs, dtype=torch.float64) * n).pvalue > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation pieces
+
+
+def test_student_starts_as_the_teacher():
+    torch.manual_seed(0)
+    teacher = FSDFMTransformer(ModelConfig.preset("tiny", vocab_size=256, seq_len=32)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.1)
+    student = student_from_teacher(teacher).eval()
+    assert student.config.step_conditioned
+    x = torch.randint(0, 256, (4, 32))
+    t = torch.tensor([0.0, 0.25, 0.7, 0.999])
+    reference = teacher(x, t)
+    assert reference.abs().max() > 0.5  # a non-trivial function
+    for h in (1.0, 0.5, 1 / 1024, 0.3):
+        # exact up to fp32 rounding of SiLU(x) - SiLU(-x) = x (measured: max 3e-7)
+        torch.testing.assert_close(student(x, t, h), reference, atol=2e-6, rtol=0)
+    # dt_embedding is live: the fuser's h columns are zero, but get a gradient
+    student.train()
+    student(x, t, 0.5).square().mean().backward()
+    c = teacher.config.cond_dim
+    assert student.time_condition_fuser.weight.grad[:, c:].abs().max() > 0
+
+
+class StubModel:
+    """logits[b, l, v] = t_b (v + 1) + 10 h_b v + 3 x[b, l] v over V = 2, recording its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, h):
+        self.calls.append((x.clone(), t.clone(), h.clone()))
+        return f(x, t, h)
+
+
+def f(x, t, h):
+    v = torch.arange(2.0)
+    return t[:, None, None] * (v + 1) + 10 * h[:, None, None] * v + 3 * x[..., None].float() * v
+
+
+class InfiniteRate:
+    """A schedule whose cumulative scalar is infinite: every jump happens, and with V = 2 it
+    goes to the other token, so the teacher's path is known in advance."""
+
+    def __init__(self):
+        self.calls = []
+
+    def cumulative_scalar(self, t, h):
+        self.calls.append((t.clone(), h.clone()))
+        return torch.full_like(t, math.inf)
+
+
+@pytest.mark.parametrize("kind", ["rk4", "heun"])
+def test_shortcut_teacher_hand_worked(kind):
+    x = torch.tensor([[0, 1, 1], [1, 0, 0]])
+    t = torch.tensor([0.25, 0.0], dtype=torch.float64)
+    h = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    model, schedule = StubModel(), InfiniteRate()
+    out = shortcut_teacher(model, x, t, h, kind, schedule=schedule)
+
+    half, mid, end, flipped = h / 2, t + h / 2, t + h, 1 - x
+    if kind == "rk4":
+        # chained jumps: x -> 1 - x -> x -> 1 - x, evaluated at t, t + h/2, t + h/2, t + h
+        states, times = [x, flipped, x, flipped], [t, mid, mid, end]
+        weights = [1 / 6, 2 / 6, 2 / 6, 1 / 6]
+        jumps = [t, mid, mid]
+    else:
+        states, times, weights, jumps = [x, flipped], [t, mid], [0.5, 0.5], [t]
+    expected = sum(
+        w * f(s, tt.float(), half.float()) for w, s, tt in zip(weights, states, times, strict=True)
+    )
+    torch.testing.assert_close(out, expected)
+    assert out.dtype == torch.float32
+    assert len(model.calls) == len(states)
+    for (cx, ct, ch), s, tt in zip(model.calls, states, times, strict=True):
+        assert torch.equal(cx, s) and torch.equal(ct, tt.float()) and torch.equal(ch, half.float())
+    assert len(schedule.calls) == len(jumps)  # the jump scalars are alpha(s, h/2), in float64
+    for (st, sh), s in zip(schedule.calls, jumps, strict=True):
+        assert torch.equal(st, s) and torch.equal(sh, half)
+
+
+def test_shortcut_teacher_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be"):
+        shortcut_teacher(StubModel(), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1),
+                         torch.ones(1), "euler")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def test_pretraining_loss_falls(corpus, tmp_path):
+    out = train(tiny(corpus, tmp_path / "run", steps=40, batch_size=8, eval_every=20,
+                     save_every=40, dropout=0.0))  # fmt: skip
+    lines = metrics(out)
+    losses = [m["loss"] for m in lines]
+    assert len(losses) == 40 and [m["step"] for m in lines] == list(range(1, 41))
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert lines[19]["val_loss"] > lines[39]["val_loss"]
+    assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in lines)
+    model = fsdfm.load(out / "model")
+    assert model.tokenizer_name == "byte" and not model.config.step_conditioned
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 40 and state["sampler"]["index"] >= 0
+    saved = (out / "config.yaml").read_text()
+    assert "preset: tiny" in saved and "loss: ce" in saved and "warmup: 4" in saved
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "distill"])
+def test_interrupted_and_resumed_equals_uninterrupted(corpus, teacher_dir, tmp_path, mode):
+    extra = {"ema": 0.9} if mode == "pretrain" else {"teacher": str(teacher_dir), "grid": 8}
+    whole = train(tiny(corpus, tmp_path / "whole", mode=mode, **extra))
+    part = tmp_path / "part"
+    train(tiny(corpus, part, mode=mode, stop_at=7, **extra))  # checkpoints at 5 and 7
+    assert [m["step"] for m in metrics(part)] == list(range(1, 8))
+    # a killed run may have logged past its checkpoint: those lines are dropped on resume
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 8, "loss": -1.0}) + "\n" + '{"step": 9, "lo')
+    train(tiny(corpus, part, mode=mode, **extra))
+    a, b = metrics(whole), metrics(part)
+    assert [m["step"] for m in b] == list(range(1, 13))
+    keys = ["loss", "lr", "grad_norm", "val_loss", "val_loss_ema", "loss_data", "loss_distill"]
+    for x, y in zip(a, b, strict=True):
+        assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}  # exact
+    for name in ("model", "model_ema"):
+        wa, wb = fsdfm.load(whole / name).state_dict(), fsdfm.load(part / name).state_dict()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_another_configuration(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny(corpus, out, steps=2, eval_every=0))
+    with pytest.raises(ValueError, match=r"another configuration \(lr: 0.001 -> 0.002\)"):
+        train(tiny(corpus, out, steps=2, lr=2e-3))
+    train(tiny(corpus, out, steps=2, log_every=3, save_every=9))  # presentation may change
+
+
+def test_distillation_end_to_end(corpus, teacher_dir, tmp_path, monkeypatch):
+    seen = []
+
+    def recording(model, x_t, t, h, kind, **kw):
+        seen.append((h.clone(), t.clone(), x_t.shape[0], kind))
+        return shortcut_teacher(model, x_t, t, h, kind, **kw)
+
+    monkeypatch.setattr(training, "shortcut_teacher", recording)
+    out = train(tiny(corpus, tmp_path / "d", mode="distill", teacher=str(teacher_dir),
+                     teacher_type="heun", grid=16, steps=6, batch_size=8))  # fmt: skip
+    lines = metrics(out)
+    # the shortcut teacher saw exactly the distilled rows (h > 1/grid, t + h <= 1), and nothing
+    # ran for the data rows
+    distilled = sum(round(m["frac_distill"] * 8) for m in lines)
+    assert sum(n for _, _, n, _ in seen) == distilled > 0
+    for h, t, _, kind in seen:
+        assert kind == "heun" and (h > 1 / 16).all() and (t + h <= 1).all()
+    assert all(m["loss_distill"] is None or m["loss_distill"] >= -1e-6 for m in lines)
+    saved = (out / "config.yaml").read_text()
+    assert "ema: 0.9995" in saved and "loss: gkl" in saved and "lr: 0.001" in saved
+
+    for name in ("model", "model_ema"):
+        student = fsdfm.load(out / name)
+        assert student.config.step_conditioned and student.tokenizer_name == "byte"
+        tokens = fsdfm.sample(student, 4, batch_size=2, generator=torch.Generator().manual_seed(0))
+        assert tokens.shape == (2, 32) and 0 <= tokens.min() and tokens.max() < 256
+
+
+def test_mask_source_pretrain_then_distill(corpus, tmp_path):
+    options = {"steps": 3, "eval_every": 3, "source": "mask", "loss": "gkl"}
+    teacher = train(tiny(corpus, tmp_path / "teacher", **options))
+    model = fsdfm.load(teacher / "model")
+    assert model.config.source == "mask" and model.config.vocab_size == 257
+    assert all(math.isfinite(m["loss"]) for m in metrics(teacher))
+    out = train(tiny(corpus, tmp_path / "student", mode="distill",
+                     teacher=str(teacher / "model"), steps=2, grid=4))  # fmt: skip
+    student = fsdfm.load(out / "model")
+    assert student.config.source == "mask" and student.config.step_conditioned
+    tokens = fsdfm.sample(student, 2, batch_size=2, generator=torch.Generator().manual_seed(0))
+    assert tokens.max() < 256  # no mask token left
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(corpus, tmp_path):
+    options = {"steps": 5, "batch_size": 8, "dropout": 0.0, "eval_every": 5, "save_every": 5}
+    single = train(tiny(corpus, tmp_path / "one", **options))
+    flags = [
+        "--data", str(corpus), "--out", str(tmp_path / "two"), "--tokenizer", "byte",
+        "--preset", "tiny", "--seq-len", "32", "--lr", "1e-3", "--log-every", "1",
+        "--device", "cpu",
+    ] + [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "fsdfm", "pretrain", *flags,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stderr
+    one, two = metrics(single), metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == list(range(1, 6))
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
+    wa = fsdfm.load(single / "model").state_dict()
+    wb = fsdfm.load(tmp_path / "two" / "model").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+
+
+def test_kill_9_during_saves_leaves_a_loadable_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    flags = {
+        "data": str(corpus), "out": str(out), "tokenizer": "byte", "preset": "tiny",
+        "seq_len": "32", "batch_size": "4", "steps": "100000", "save_every": "1",
+        "eval_every": "0", "log_every": "1", "device": "cpu", "ema": "0.99",
+    }  # fmt: skip
+    command = [sys.executable, "-m", "fsdfm", "pretrain"]
+    for key, value in flags.items():
+        command += ["--" + key.replace("_", "-"), value]
+    rng = random.Random(0)
+    state_path, reached = out / "state.pt", 0
+    for _ in range(4):
+        start = time.time()
+        proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            # wait until this process has written a checkpoint, then kill it at a random moment
+            # (with a save after every step, most moments are inside a save)
+            while not (state_path.exists() and state_path.stat().st_mtime > start + 0.05):
+                assert proc.poll() is None and time.time() - start < 60
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        state = torch.load(state_path, weights_only=True)
+        assert state["step"] >= max(reached, 1)
+        reached = state["step"]
+        fsdfm.load(out / "model")
+        fsdfm.load(out / "model_ema")
+    # and the run resumes from what is on disk (temporary files of the killed saves removed)
+    config = config_from_sources("pretrain", None, {**flags, "stop_at": reached + 2})
+    train(config)
+    assert torch.load(state_path, weights_only=True)["step"] == reached + 2
+    assert not list(out.glob("*.tmp-*")) and not list((out / "model").glob("*.tmp-*"))
+    assert [m["step"] for m in metrics(out)] == list(range(1, reached + 3))
+
+
+class Crash(BaseException):
+    """Raised at a chosen rename: a process dying between two files of a checkpoint."""
+
+
+def test_a_save_cut_at_any_rename_leaves_a_consistent_checkpoint(corpus, tmp_path, monkeypatch):
+    """The deterministic complement of the kill -9 test: a save (model/, model_ema/, state.pt:
+    five renames) is cut at each rename in turn; what is on disk still loads and resumes."""
+    out = tmp_path / "run"
+    options = {"steps": 20, "save_every": 1, "eval_every": 0, "ema": 0.9}
+    train(tiny(corpus, out, stop_at=1, **options))
+    real_replace = os.replace
+    for cut in range(5):
+        calls = []
+
+        def replace(src, dst, cut=cut, calls=calls):
+            calls.append(dst)
+            if len(calls) > cut:
+                raise Crash
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        before = torch.load(out / "state.pt", weights_only=True)["step"]
+        with pytest.raises(Crash):
+            train(tiny(corpus, out, stop_at=before + 1, **options))
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert torch.load(out / "state.pt", weights_only=True)["step"] == before
+        fsdfm.load(out / "model")
+        fsdfm.load(out / "model_ema")
+        train(tiny(corpus, out, stop_at=before + 1, **options))  # resumes from `before`
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and the CLI
+
+
+def test_flags_override_yaml(tmp_path, corpus):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"data: {corpus}\nout: {tmp_path / 'from_yaml'}\npreset: tiny\ntokenizer: byte\n"
+        "seq_len: 32\nbatch_size: 4\nsteps: 50\nlr: 3e-4\nema: 0.99\n"
+    )
+    config = config_from_sources("pretrain", str(yaml_file), {"steps": "3", "out": "elsewhere"})
+    assert (config.steps, config.out, config.lr, config.ema, config.preset) == (
+        3, "elsewhere", 3e-4, 0.99, "tiny",
+    )  # fmt: skip
+    out = tmp_path / "cli"
+    code = main(["pretrain", "--config", str(yaml_file), "--out", str(out), "--steps", "2",
+                 "--eval-every", "0", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    saved = (out / "config.yaml").read_text()
+    assert "steps: 2" in saved and "lr: 0.0003" in saved and "batch_size: 4" in saved
+    assert [m["step"] for m in metrics(out)] == [2]  # log_every 10: the final step only
+
+    yaml_file.write_text("teacher: x\n")
+    with pytest.raises(ValueError, match="option of fsdfm distill, not pretrain"):
+        config_from_sources("pretrain", str(yaml_file), {})
+    yaml_file.write_text("stepz: 3\n")
+    with pytest.raises(ValueError, match="stepz: unknown option"):
+        config_from_sources("pretrain", str(yaml_file), {})
+
+
+def one_line_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_input_is_one_line(capsys, tmp_path):
+    out = str(tmp_path / "out")
+    missing = str(tmp_path / "missing.txt")
+    assert "no data at" in one_line_error(capsys, ["pretrain", "--data", missing, "--out", out])
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    line = one_line_error(capsys, ["pretrain", "--data", str(short), "--out", out,
+                                   "--tokenizer", "byte", "--preset", "tiny"])  # fmt: skip
+    assert "fewer than one block of seq_len = 128" in line
+    line = one_line_error(capsys, ["pretrain", "--data", str(short), "--out", out,
+                                   "--preset", "huge"])  # fmt: skip
+    assert "--preset: must be one of tiny, small, 0.17B" in line
+    assert "pass --data" in one_line_error(capsys, ["pretrain", "--out", out])
+    line = one_line_error(capsys, ["pretrain", "--data", str(short), "--out", out,
+                                   "--steps", "many"])  # fmt: skip
+    assert "--steps: expected an integer, got 'many'" in line
+    assert "needs --teacher" in one_line_error(
+        capsys, ["distill", "--data", str(short), "--out", out]
+    )
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("steps: [1,\n")
+    assert "not valid YAML" in one_line_error(capsys, ["pretrain", "--config", str(bad_yaml)])
