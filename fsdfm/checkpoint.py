@@ -39,6 +39,8 @@ FORMAT = "fsdfm"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"  # a BPE tokenizer saved with the model
+NAMED_TOKENIZERS = ("gpt2", "byte")
 ROTARY_KEY = "rotary_emb.inv_freq"
 
 # `weights=` choice -> the entry of a released file that holds those weights.
@@ -261,6 +263,10 @@ def _read_directory(path: Path) -> tuple[dict[str, Tensor], ModelConfig, str | N
     tokenizer = data.pop("tokenizer", None)
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ValueError(f"{config_path}: tokenizer must be a string or null, got {tokenizer!r}")
+    if tokenizer is not None and tokenizer not in NAMED_TOKENIZERS:
+        if not (path / tokenizer).is_file():
+            raise FileNotFoundError(f"{path}: the tokenizer file {tokenizer!r} is missing")
+        tokenizer = str(path / tokenizer)
     try:
         config = ModelConfig.from_dict(data)
     except (TypeError, ValueError) as error:
@@ -355,6 +361,17 @@ def _tokenizer_name(tokenizer, model) -> str | None:
     )
 
 
+def _bpe_file(name: str | None) -> Path | None:
+    """The tokenizer.json behind a tokenizer name that is a path (a BPE), else None."""
+    if name is None or name in NAMED_TOKENIZERS:
+        return None
+    path = Path(name)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer {name!r} is neither gpt2, byte nor a tokenizer.json")
+    return file
+
+
 def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write ``model`` to ``directory`` (created if needed): ``model.safetensors`` (the exact
     tensors, in their dtypes) and ``config.json`` (the config, ``tokenizer`` and the format
@@ -363,12 +380,19 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     :func:`load` refuses a pair whose configs differ. Returns the directory.
 
     tokenizer: the tokenizer's name (e.g. "gpt2"), an object with ``name_or_path`` / ``name``,
-        or None for the model's ``tokenizer_name``.
+        or None for the model's ``tokenizer_name``. A BPE tokenizer (a path to its
+        tokenizer.json) is copied into the directory, and :func:`load` gives its copy.
     """
     from safetensors.torch import save_file
 
     model = _unwrap(model)
     name = _tokenizer_name(tokenizer, model)
+    # A BPE tokenizer given by path travels with the model: its tokenizer.json is copied into
+    # the directory and recorded by that relative name, so the directory can be moved.
+    bpe = _bpe_file(name)
+    bpe_bytes = bpe.read_bytes() if bpe is not None else None
+    if bpe is not None:
+        name = TOKENIZER_FILE
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
@@ -386,7 +410,12 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_weights = directory / (WEIGHTS_FILE + tag)
     tmp_config = directory / (CONFIG_FILE + tag)
+    tmp_tokenizer = directory / (TOKENIZER_FILE + tag)
     try:
+        if bpe_bytes is not None:
+            tmp_tokenizer.write_bytes(bpe_bytes)
+            _fsync(tmp_tokenizer)
+            os.replace(tmp_tokenizer, directory / TOKENIZER_FILE)
         save_file(tensors, str(tmp_weights), metadata=metadata)
         _fsync(tmp_weights)
         with open(tmp_config, "w") as f:
@@ -398,7 +427,7 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
         os.replace(tmp_config, directory / CONFIG_FILE)
         _fsync(directory)
     finally:
-        for tmp in (tmp_weights, tmp_config):
+        for tmp in (tmp_weights, tmp_config, tmp_tokenizer):
             tmp.unlink(missing_ok=True)
     return directory
 

@@ -215,8 +215,17 @@ def _fingerprint(files: list[Path], tokenizer: str) -> str:
     for f in files:
         stat = f.stat()
         entries.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
+    # A tokenizer given by path (a BPE) is identified by its content, not only its name.
+    tokenizer_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else None
+    tokenizer_file = tokenizer_file or (Path(tokenizer) if Path(tokenizer).is_file() else None)
+    content = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest() if tokenizer_file else None
     document = json.dumps(
-        {"version": TOKEN_FORMAT_VERSION, "tokenizer": tokenizer, "files": entries}
+        {
+            "version": TOKEN_FORMAT_VERSION,
+            "tokenizer": tokenizer,
+            "tokenizer_sha256": content,
+            "files": entries,
+        }
     )
     return hashlib.sha256(document.encode()).hexdigest()[:20]
 
@@ -231,8 +240,8 @@ def prepare_tokens(
     """The token stream of ``data`` (see the module docstring), tokenising text into
     ``cache_dir`` unless an up-to-date cache is there.
 
-    tokenizer: "gpt2" or "byte" for text (required); for a token file None accepts the sidecar's,
-    a name must match it."""
+    tokenizer: "gpt2", "byte" or a BPE tokenizer.json path for text (required); for a token file
+    None accepts the sidecar's, a name must match it."""
     from fsdfm.tokenizer import get_tokenizer
 
     data = Path(data)
@@ -248,7 +257,7 @@ def prepare_tokens(
             raise ValueError(f"{data} was tokenised with {stream.tokenizer!r}, not {tokenizer!r}")
         return stream
     if tokenizer is None:
-        raise ValueError("text data needs a tokenizer: gpt2 or byte")
+        raise ValueError("text data needs a tokenizer: gpt2, byte or a BPE tokenizer.json")
     tok = get_tokenizer(tokenizer)
     files = _text_files(data)
     key = _fingerprint(files, tokenizer)

@@ -167,7 +167,9 @@ _OPTIONS: dict[str, _Option] = {
     "out": _Option(str, "output directory; running again on it resumes"),
     "teacher": _Option(str, "the pre-trained DFM teacher (fsdfm directory or .pth)", ("distill",)),
     "teacher_type": _Option(TEACHER_TYPES, "shortcut teacher: rk4 (default) or heun", ("distill",)),
-    "tokenizer": _Option(TOKENIZERS, "gpt2 or byte (default: gpt2; the teacher's for distill)"),
+    "tokenizer": _Option(
+        str, "gpt2, byte, or a BPE tokenizer.json (default: gpt2; the teacher's for distill)"
+    ),
     "preset": _Option(
         tuple(PRESETS), f"model size: {', '.join(PRESETS)} (default 0.17B)", ("pretrain",)
     ),
@@ -301,6 +303,13 @@ def _check(c: TrainConfig) -> None:
             raise ValueError(f"ema (the EMA decay) must be in {span}, got {c.ema}")
     if c.grid < 2 or c.grid & (c.grid - 1):
         raise ValueError(f"grid must be a power of two >= 2, got {c.grid}")
+    if c.tokenizer is not None and c.tokenizer not in TOKENIZERS:
+        from pathlib import Path
+
+        if not (Path(c.tokenizer).is_file() or (Path(c.tokenizer) / "tokenizer.json").is_file()):
+            raise ValueError(
+                f"tokenizer must be gpt2, byte or a path to a tokenizer.json, got {c.tokenizer!r}"
+            )
     if c.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
 

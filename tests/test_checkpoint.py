@@ -423,3 +423,31 @@ def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == before  # the old model is intact
     load(out)
+
+
+def test_bpe_tokenizer_travels_with_the_model(tmp_path):
+    """A model saved with a BPE tokenizer carries its tokenizer.json; the directory can move."""
+    pytest.importorskip("tokenizers")
+    import shutil
+
+    import fsdfm
+    from fsdfm.tokenizer import train_bpe
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    tok = train_bpe([text], 300, tmp_path / "bpe" / "tokenizer.json")
+    config = fsdfm.ModelConfig(
+        vocab_size=tok.vocab_size, dim=32, n_blocks=1, n_heads=1, cond_dim=16, seq_len=8
+    )
+    model = fsdfm.FSDFMTransformer(config)
+    fsdfm.save(model, tmp_path / "saved", tokenizer=tok)
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "saved", moved)
+    shutil.rmtree(tmp_path / "bpe")
+    loaded = fsdfm.load(moved)
+    assert loaded.tokenizer_name == str(moved / "tokenizer.json")
+    again = fsdfm.get_tokenizer(loaded.tokenizer_name)
+    assert again.encode("the lazy fox") == tok.encode("the lazy fox")
+    (moved / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer file 'tokenizer.json' is missing"):
+        fsdfm.load(moved)

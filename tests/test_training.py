@@ -505,3 +505,21 @@ def test_bad_input_is_one_line(capsys, tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("steps: [1,\n")
     assert "not valid YAML" in one_line_error(capsys, ["pretrain", "--config", str(bad_yaml)])
+
+
+def test_pretraining_with_a_bpe_tokenizer(corpus, tmp_path):
+    """--tokenizer takes a BPE tokenizer.json: the data is cached under its content, and the
+    trained model carries the tokenizer, so generate works from the saved directory alone."""
+    pytest.importorskip("tokenizers")
+    from fsdfm.tokenizer import train_bpe
+
+    bpe = train_bpe([corpus], 300, tmp_path / "bpe" / "tokenizer.json")
+    out = train(tiny(corpus, tmp_path / "run", tokenizer=str(bpe.name), steps=2, eval_every=0))
+    model = fsdfm.load(out / "model")
+    assert model.config.vocab_size == bpe.vocab_size
+    tok = fsdfm.get_tokenizer(model.tokenizer_name)
+    assert Path(model.tokenizer_name).parent == out / "model"
+    texts = fsdfm.generate(model, tok, "the cat", steps=2, seed=0)
+    assert texts[0].startswith("the cat")
+    with pytest.raises(ValueError, match="tokenizer must be gpt2, byte or a path"):
+        train(tiny(corpus, tmp_path / "bad", tokenizer=str(tmp_path / "nope.json")))
