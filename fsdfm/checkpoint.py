@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"  # a BPE tokenizer saved with the model
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"  # fsdfm.load("default")
 NAMED_TOKENIZERS = ("gpt2", "byte")
 ROTARY_KEY = "rotary_emb.inv_freq"
 
@@ -71,8 +72,8 @@ def load(
 ) -> FSDFMTransformer:
     """An :class:`~fsdfm.model.FSDFMTransformer` in eval mode from a checkpoint.
 
-    path: a released-style ``.pth`` file, a directory written by :func:`save`, or a
-        ``.safetensors`` state dict.
+    path: a released-style ``.pth`` file, a directory written by :func:`save`, a
+        ``.safetensors`` state dict, or "default" (the model bundled in the package).
     weights: which model of a ``.pth`` file: "ema" (the student's EMA, the default where
         present), "student", "teacher" or, for a DFM file, "model" (its only model, the default).
         A directory holds one model: None.
@@ -85,7 +86,7 @@ def load(
     The model's ``tokenizer_name`` is the directory's ``tokenizer``, or for a ``.pth`` file
     "gpt2" when the vocabulary is GPT-2's (50257 real tokens), else None.
     """
-    path = Path(path)
+    path = _default_if_named(path)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     state_dict, config, tokenizer, where = _read(path, weights, seq_len, source)
@@ -96,12 +97,24 @@ def load(
     return model.eval()
 
 
+def _default_if_named(path) -> Path:
+    """ "default" names the model bundled in the package (fsdfm/assets/default)."""
+    if str(path) != "default":
+        return Path(path)
+    if not (DEFAULT_MODEL / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"the bundled default model is not in this installation ({DEFAULT_MODEL}); "
+            "pass a model path (see scripts/train_default.sh for how it is made)"
+        )
+    return DEFAULT_MODEL
+
+
 def read_state_dict(
     path: str | os.PathLike, *, weights: str | None = None
 ) -> tuple[dict[str, Tensor], ModelConfig]:
     """(state dict, config) from any checkpoint :func:`load` reads, without building a model: the
     state dict has SPEC 3's names (prefixes stripped), on CPU, in the stored dtypes."""
-    state_dict, config, _, _ = _read(Path(path), weights, None, None)
+    state_dict, config, _, _ = _read(_default_if_named(path), weights, None, None)
     return state_dict, config
 
 

@@ -35,6 +35,7 @@ def _sample(args) -> None:
     length = args.length or model.config.seq_len
     if not 1 <= length <= model.config.seq_len:
         raise ValueError(f"--length must be in [1, {model.config.seq_len}], got {length}")
+    watch = _Watch(tokenizer, args.steps, args.watch_delay) if args.watch else None
     start = time.perf_counter()
     texts = fsdfm.generate(
         model,
@@ -47,7 +48,8 @@ def _sample(args) -> None:
         temperature=args.temperature,
         barrier=args.barrier,
         solver=args.solver,
-        progress=args.progress,
+        progress=args.progress and not args.watch,
+        callback=watch,
     )
     if device == "cuda":
         torch.cuda.synchronize()
@@ -62,6 +64,33 @@ def _sample(args) -> None:
         f"{seconds:.2f} s, {tokens / seconds:.0f} tokens/s",
         file=sys.stderr,
     )
+
+
+class _Watch:
+    """--watch: redraws the first sequence after every step on stderr, the tokens that changed
+    in that step highlighted, so that a person sees the whole text settle in a few steps."""
+
+    def __init__(self, tokenizer, steps: int, delay: float):
+        self.tokenizer, self.steps, self.delay = tokenizer, steps, delay
+        self.previous = None
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, step: int, t: float, x: torch.Tensor) -> None:
+        tokens = x[0].tolist()
+        changed = (
+            [True] * len(tokens)
+            if self.previous is None
+            else [a != b for a, b in zip(tokens, self.previous, strict=True)]
+        )
+        self.previous = tokens
+        pieces = []
+        for token, moved in zip(tokens, changed, strict=True):
+            piece = self.tokenizer.decode([token])
+            pieces.append(f"\x1b[7m{piece}\x1b[0m" if moved and self.tty else piece)
+        clear = "\x1b[2J\x1b[H" if self.tty else "\n"
+        header = f"step {step}/{self.steps}  t = {t:.3f}  {sum(changed)} tokens changed"
+        print(f"{clear}{header}\n\n{''.join(pieces)}", file=sys.stderr, flush=True)
+        time.sleep(self.delay)
 
 
 def _convert(args) -> None:
@@ -131,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("prompt", nargs="?", default=None, help="text to continue (a frozen prefix)")
     s.add_argument(
-        "--model", required=True, help="a directory written by fsdfm.save or a released .pth file"
+        "--model",
+        default="default",
+        help="default (the bundled model), a directory written by fsdfm.save, or a released .pth",
     )
     s.add_argument(
         "--weights",
@@ -173,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
     s.add_argument("--progress", action="store_true", help="show a progress bar over the steps")
+    s.add_argument(
+        "--watch", action="store_true", help="show the first text changing step by step (stderr)"
+    )
+    s.add_argument(
+        "--watch-delay", type=float, default=0.4, help="seconds between --watch frames (0.4)"
+    )
     s.set_defaults(run=_sample)
 
     c = sub.add_parser(

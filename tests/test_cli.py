@@ -63,6 +63,30 @@ def test_convert_then_sample(released, tmp_path, capsys):
     assert capsys.readouterr().out == first.out, "same seed, same text"
 
 
+def test_watch_shows_every_step(released, tmp_path, capsys):
+    out = tmp_path / "watched"
+    main(["convert", str(released), str(out)])
+    args = ["sample", "--model", str(out), "--tokenizer", "byte", "--steps", "3", "--length",
+            "12", "--watch", "--watch-delay", "0"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    for step in (1, 2, 3):
+        assert f"step {step}/3" in err
+    assert "12 tokens changed" in err, "the first frame marks every token"
+
+
+def test_default_model(capsys):
+    """--model defaults to the bundled model; where it is absent, one line says so."""
+    from fsdfm.checkpoint import DEFAULT_MODEL
+
+    if (DEFAULT_MODEL / "config.json").is_file():
+        assert main(["sample", "--steps", "2", "--length", "16"]) == 0
+        assert capsys.readouterr().out.strip()
+    else:
+        assert main(["sample", "--steps", "2"]) == 2
+        assert "bundled default model is not in this installation" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_line(released, tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
