@@ -41,6 +41,9 @@ except ImportError as error:  # the extension is not built
     _IMPORT_ERROR = error
 
 __all__ = [
+    "InvalidRowsError",
+    "check_scalars",
+    "check_token_range",
     "jump_step",
     "jump_step_ref",
     "native_available",
@@ -104,7 +107,7 @@ def _check_tokens(x: torch.Tensor, B: int, L: int, device: torch.device, name: s
         raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
 
 
-def _check_token_range(x: torch.Tensor, V: int, name: str) -> None:
+def check_token_range(x: torch.Tensor, V: int, name: str) -> None:
     if x.numel() and bool(((x < 0) | (x >= V)).any()):
         bad = x[(x < 0) | (x >= V)][0].item()
         raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {V})")
@@ -133,7 +136,7 @@ def _per_sequence(
     return torch.full((B,), float(v), dtype=torch.float32, device=device)
 
 
-def _check_scalars(barrier: float, temperature: float) -> None:
+def check_scalars(barrier: float, temperature: float) -> None:
     if not isinstance(barrier, (int, float)) or math.isnan(barrier) or barrier < 0:
         raise ValueError(f"barrier must be >= 0 (math.inf disables it), got {barrier!r}")
     if not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
@@ -167,6 +170,11 @@ def _exclusion(
     return None, exclude
 
 
+class InvalidRowsError(ValueError):
+    """Rows of logits that give no distribution to sample from (NaN, +inf, all -inf, or
+    nothing left after the barrier and the exclusion)."""
+
+
 def _raise_invalid_rows(
     out: torch.Tensor, logits: torch.Tensor, name: str, nothing_left: str
 ) -> None:
@@ -183,17 +191,17 @@ def _raise_invalid_rows(
     elif bool((row == -math.inf).all()):
         what = "is -inf everywhere"
     else:
-        what = nothing_left
-    raise ValueError(f"{name}[{b}, {pos}] {what}: no distribution to sample from")
+        what = nothing_left or "cannot be sampled"
+    raise InvalidRowsError(f"{name}[{b}, {pos}] {what}: no distribution to sample from")
 
 
 def _prepare_jump(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
     B, L, V = _check_rows(logits, "logits")
     _check_tokens(x_t, B, L, logits.device, "x_t")
-    _check_scalars(barrier, temperature)
+    check_scalars(barrier, temperature)
     _check_generator(generator, logits.device)
     if validate:
-        _check_token_range(x_t, V, "x_t")
+        check_token_range(x_t, V, "x_t")
     rate_scale = _per_sequence(rate_scale, B, logits.device, "rate_scale")
     h = _per_sequence(h, B, logits.device, "h", positive=True)
     return rate_scale, h
@@ -202,9 +210,9 @@ def _prepare_jump(logits, x_t, rate_scale, h, barrier, temperature, generator, v
 def _prepare_generator(probs, x_t, rate_scale, barrier, validate):
     B, L, V = _check_rows(probs, "probs")
     _check_tokens(x_t, B, L, probs.device, "x_t")
-    _check_scalars(barrier, 1.0)
+    check_scalars(barrier, 1.0)
     if validate:
-        _check_token_range(x_t, V, "x_t")
+        check_token_range(x_t, V, "x_t")
         if bool(probs.isnan().any()) or bool((probs < 0).any()):
             raise ValueError("probs must be non-negative and free of NaN")
     return _per_sequence(rate_scale, B, probs.device, "rate_scale")
@@ -213,11 +221,11 @@ def _prepare_generator(probs, x_t, rate_scale, barrier, validate):
 def _prepare_sample(logits, exclude, barrier, temperature, generator, validate):
     """(exclusion tensor, exclusion token) after the checks of sample_categorical(_ref)."""
     B, L, V = _check_rows(logits, "logits")
-    _check_scalars(barrier, temperature)
+    check_scalars(barrier, temperature)
     _check_generator(generator, logits.device)
     ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
     if validate and ex_tensor is not None:
-        _check_token_range(ex_tensor, V, "exclude")
+        check_token_range(ex_tensor, V, "exclude")
     return ex_tensor, ex_token
 
 
@@ -266,7 +274,7 @@ def jump_step(
         logits, x_t, rate_scale, h, float(barrier), float(temperature), generator
     )
     if validate:
-        _raise_invalid_rows(out, logits, "logits", "has no reachable token")
+        _raise_invalid_rows(out, logits, "logits", "")
     return out
 
 

@@ -21,7 +21,9 @@ the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,13 +144,8 @@ def _frozen_layout(setup: _Setup, prompt, init, edit_mask):
         )
         edit_mask[:, :P] = False
     if init is not None:
-        frozen = init[~edit_mask]
-        if frozen.numel() and bool(((frozen < 0) | (frozen >= setup.real_vocab)).any()):
-            bad = frozen[(frozen < 0) | (frozen >= setup.real_vocab)][0].item()
-            name = "prompt" if prompt is not None else "init"
-            raise ValueError(
-                f"{name} holds token id {bad}, outside the vocabulary [0, {setup.real_vocab})"
-            )
+        name = "prompt" if prompt is not None else "init"
+        ops.check_token_range(init[~edit_mask], setup.real_vocab, name)
     return init, edit_mask
 
 
@@ -221,10 +218,7 @@ def sample(
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if not (0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    if math.isnan(barrier) or barrier < 0:
-        raise ValueError(f"barrier must be >= 0 (math.inf disables it), got {barrier!r}")
+    ops.check_scalars(barrier, temperature)
     schedule = schedule or PolynomialSchedule()
     setup = _resolve_setup(model, batch_size, seq_len, source, vocab_size, device)
     if generator is not None and generator.device.type != setup.device.type:
@@ -232,8 +226,32 @@ def sample(
     draw = _Ops(backend, setup.device)
     if cuda_graph and (setup.device.type != "cuda" or not draw.native):
         raise ValueError("cuda_graph=True needs sampling on CUDA with the native backend")
+    if not draw.native and setup.device.type == "cuda":
+        warnings.warn(
+            "fsdfm.sample on CUDA with the reference ops: every step synchronises with the host "
+            "(build the CUDA kernels for the native backend)",
+            stacklevel=2,
+        )
+    # Sampling never needs gradients: without this every step would keep the model's
+    # activations alive for a backward pass that never comes.
+    with torch.no_grad(), _on_device(setup.device):
+        return _run(
+            model, setup, draw, steps, solver, schedule, prompt, init, edit_mask,
+            {"barrier": barrier, "temperature": temperature, "generator": generator},
+            return_trajectory, callback, progress, cuda_graph,
+        )  # fmt: skip
+
+
+def _on_device(device: torch.device):
+    """CUDA streams and graphs act on the current device: make it the sampling device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _run(model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, opts,
+         return_trajectory, callback, progress, cuda_graph):  # fmt: skip
     B, L = setup.batch_size, setup.seq_len
     h = 1.0 / steps
+    generator = opts["generator"]
     if setup.vocab_size is None:
         probe = torch.zeros(B, L, dtype=torch.long, device=setup.device)
         t0 = torch.zeros(B, device=setup.device)
@@ -246,34 +264,20 @@ def sample(
     )
     if edit_mask is not None:
         x = torch.where(edit_mask, x, init)
-    loop = _Loop(
-        model,
-        setup,
-        draw,
-        solver,
-        schedule,
-        h,
-        edit_mask,
-        {"barrier": barrier, "temperature": temperature, "generator": generator},
-    )
+    loop = _Loop(model, setup, draw, solver, schedule, h, edit_mask, opts)
     trajectory = [x] if return_trajectory else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"fsdfm {solver}", unit="step")
     if cuda_graph and steps > 1:
         loop.capture(x)
-    for k in range(steps):
-        x = loop.step(x, k, last=k == steps - 1)
-        if trajectory is not None:
-            trajectory.append(x)
-        if callback is not None:
-            callback(k + 1, (k + 1) * h, x)
-        if bar is not None:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=steps, desc=f"fsdfm {solver}", unit="step", disable=not progress) as bar:
+        for k in range(steps):
+            x = loop.step(x, k, last=k == steps - 1)
+            if trajectory is not None:
+                trajectory.append(x)
+            if callback is not None:
+                callback(k + 1, (k + 1) * h, x)
             bar.update(1)
-    if bar is not None:
-        bar.close()
     loop.raise_if_invalid()
     if trajectory is not None:
         return x, torch.stack(trajectory)
@@ -289,12 +293,11 @@ class _Loop:
         self.model, self.setup, self.draw = model, setup, draw
         self.solver, self.schedule, self.h, self.edit_mask = solver, schedule, h, edit_mask
         self.opts = {**opts, **draw.kw}
-        self.generator = opts["generator"]
         device = setup.device
         self.t = torch.zeros(setup.batch_size, device=device)
         self.h_vec = torch.full((setup.batch_size,), h, device=device)
         self.step_no = torch.zeros((), dtype=torch.long, device=device)
-        self.invalid = torch.zeros((), dtype=torch.bool, device=device)
+        # The first step that produced a row the kernels could not sample, -1 while none did.
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.graph = None  # a captured (non-final) step, replayed on the static tokens `x`
         self.x = None
@@ -304,22 +307,23 @@ class _Loop:
         self.t.fill_(k * self.h)
         self.step_no.fill_(k + 1)
         if self.graph is not None and not last:
-            self.graph.replay()  # the static buffer holds x: it was the previous step's output
+            self.x.copy_(x)  # the graph reads its static buffer
+            self.graph.replay()
             return self.x.clone()
         try:
             return self._advance(x, last)
-        except ValueError as error:  # the references validate every step and raise at once
-            if "logits[" in str(error):
-                raise ValueError(f"model output at step {k + 1}: {error}") from error
-            raise
+        except ops.InvalidRowsError as error:  # the references validate every step at once
+            raise ops.InvalidRowsError(f"model output at step {k + 1}: {error}") from error
 
     def _advance(self, x: torch.Tensor, last: bool) -> torch.Tensor:
         logits = _logits_of(self.model, x, self.t, self.h_vec, self.setup, self.step_no)
         x_new = self._collapse(logits, x) if last else self._move(logits, x)
         if self.draw.native:
-            bad = (x_new < 0).any()
-            self.first_bad.copy_(torch.where(bad & ~self.invalid, self.step_no, self.first_bad))
-            self.invalid.logical_or_(bad)
+            # Only generated positions count: a frozen one keeps its token whatever its logits.
+            unsampled = x_new < 0 if self.edit_mask is None else (x_new < 0) & self.edit_mask
+            self.first_bad.copy_(
+                torch.where((self.first_bad < 0) & unsampled.any(), self.step_no, self.first_bad)
+            )
             x_new = x_new.clamp_min(0)  # keeps the next model call in range; reported at the end
         return x_new if self.edit_mask is None else torch.where(self.edit_mask, x_new, x)
 
@@ -336,7 +340,9 @@ class _Loop:
         # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
         x_hat = self.draw.sample_categorical(logits, **self.opts)
         p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
-        u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
+        u = torch.rand(
+            x.shape, device=x.device, generator=self.opts["generator"], dtype=torch.float64
+        )
         # A -1 (a row the kernel could not sample) is passed on even where no move happens.
         return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
 
@@ -362,19 +368,18 @@ class _Loop:
             body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        if self.generator is not None:
-            graph.register_generator_state(self.generator)
+        if self.opts["generator"] is not None:
+            graph.register_generator_state(self.opts["generator"])
         with torch.cuda.graph(graph):
             body()
-        self.x.copy_(x)
-        self.invalid.zero_()
         self.first_bad.fill_(-1)
         self.graph = graph
 
     def raise_if_invalid(self) -> None:
         """The one host synchronisation of the loop, after it."""
-        if self.draw.native and bool(self.invalid):
-            raise ValueError(
-                f"model output at step {int(self.first_bad)} had a row with NaN or +inf logits, "
-                "all -inf, or no token within the barrier: no distribution to sample from"
+        first_bad = int(self.first_bad)
+        if first_bad >= 0:
+            raise ops.InvalidRowsError(
+                f"model output at step {first_bad} had a row with NaN or +inf logits, all -inf, "
+                "or no token within the barrier: no distribution to sample from"
             )

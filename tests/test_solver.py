@@ -229,3 +229,27 @@ def test_cuda_graph_samples_the_target_law_reproducibly():
     assert torch.equal(a, graphed(0)) and not torch.equal(a, graphed(1))
     tv = total_variation(model.joint_index(a).cpu(), Q.flatten())
     assert tv < tv_noise_floor(Q.flatten(), n) + 0.012
+
+
+def test_sampling_runs_without_autograd():
+    seen = []
+
+    def model(x, t, h):
+        seen.append(torch.is_grad_enabled())
+        return torch.zeros(*x.shape, 5)
+
+    fsdfm.sample(model, 3, seq_len=4, vocab_size=5)
+    assert seen == [False, False, False]
+
+
+@pytest.mark.parametrize("backend", ["native"])
+def test_nan_logits_at_frozen_positions_are_ignored(backend):
+    """A prompt position keeps its token whatever its logits, so NaN there is no error."""
+
+    def model(x, t, h):
+        logits = torch.zeros(*x.shape, 5)
+        logits[:, 0] = math.nan
+        return logits
+
+    x = fsdfm.sample(model, 3, seq_len=4, vocab_size=5, prompt=torch.tensor([2]), backend=backend)
+    assert bool((x[:, 0] == 2).all())
