@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fsdfm.solver import sample
+from fsdfm.solver import model_device, sample
 
 
 def generate(
@@ -61,7 +61,7 @@ def generate(
         edit_mask[i, : len(tokens)] = False
     frozen = {"init": init, "edit_mask": edit_mask} if longest else {}
     if seed is not None and "generator" not in sample_kwargs:
-        device = sample_kwargs.get("device") or _device_of(model)
+        device = sample_kwargs.get("device") or model_device(model) or "cpu"
         sample_kwargs["generator"] = torch.Generator(device).manual_seed(seed)
     tokens = sample(model, steps, batch_size=B, seq_len=length, **frozen, **sample_kwargs)
     texts = []
@@ -71,10 +71,3 @@ def generate(
             continuation = continuation[: continuation.index(tokenizer.eos_id)]
         texts.append(tokenizer.decode(prefix + continuation))
     return texts
-
-
-def _device_of(model) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-    return torch.device("cpu")

@@ -53,7 +53,8 @@ class _Setup:
         return self.vocab_size - 1 if self.source == "mask" else self.vocab_size
 
 
-def _model_device(model) -> torch.device | None:
+def model_device(model) -> torch.device | None:
+    """The device of a module's first parameter (or buffer); None for other callables."""
     if isinstance(model, torch.nn.Module):
         for tensor in model.parameters():
             return tensor.device
@@ -98,7 +99,7 @@ def _resolve_setup(model, batch_size, seq_len, source, vocab_size, device) -> _S
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     source = check_source("uniform" if source is None else source)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     return _Setup(batch_size, seq_len, vocab_size, source, device or torch.device("cpu"))
 
 

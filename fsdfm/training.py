@@ -428,9 +428,10 @@ def student_from_teacher(teacher: FSDFMTransformer, **config_changes) -> FSDFMTr
     SiLU(t_emb). The student's time_condition_fuser gets W = [[I, 0], [-I, 0]], b = 0, so
     c_vec = SiLU(W [t_emb; h_emb]) = [SiLU(t_emb); SiLU(-t_emb)], and every condition_fuser gets
     W = [I, -I], b = 0, so it yields SiLU(SiLU(t_emb) - SiLU(-t_emb)) = SiLU(t_emb), because
-    SiLU(x) - SiLU(-x) = x (sigma(x) + sigma(-x)) = x. Exact up to fp32 rounding of that
-    difference. dt_embedding keeps its fresh initialisation: h enters through the fuser's h
-    columns, which start at zero but receive gradient from the first step."""
+    SiLU(x) - SiLU(-x) = x (sigma(x) + sigma(-x)) = x. Exact up to the rounding of that
+    difference (fp32 on the CPU; under bf16 autocast on CUDA, bf16 rounding). dt_embedding
+    keeps its fresh initialisation: h enters through the fuser's h columns, which start at zero
+    but receive gradient from the first step."""
     if teacher.config.step_conditioned:
         student = FSDFMTransformer(teacher.config.replace(**config_changes))
         student.load_state_dict(teacher.state_dict())
@@ -439,7 +440,11 @@ def student_from_teacher(teacher: FSDFMTransformer, **config_changes) -> FSDFMTr
     student = FSDFMTransformer(teacher.config.replace(step_conditioned=True, **config_changes))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     new_layers = ("dt_embedding.", "time_condition_fuser.", "condition_fuser.")
-    assert not unexpected and all(any(p in k for p in new_layers) for k in missing)
+    if unexpected or not all(any(p in k for p in new_layers) for k in missing):
+        raise ValueError(
+            f"the teacher's weights do not fit a student of its shape (unexpected: "
+            f"{sorted(unexpected)[:4]}, missing: {sorted(missing)[:4]})"
+        )
     c = teacher.config.cond_dim
     eye = torch.eye(c)
     with torch.no_grad():

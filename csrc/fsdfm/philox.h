@@ -7,8 +7,10 @@
 //
 // Counter layout follows the (seed, subsequence, offset) convention of torch's CUDA generator:
 // words 0-1 hold offset/4 + j (j-th block of four 32-bit outputs), words 2-3 hold the row index
-// as the subsequence. A call reserves `kRowWords` 32-bit outputs per row from the generator, so
-// its counters never overlap those of any other consumer of the same generator.
+// as the subsequence. On CUDA a call reserves `kRowWords` 32-bit outputs per row from the torch
+// generator's Philox state, so its counters never overlap those of any other consumer of that
+// generator. The CPU generator (mt19937) has no Philox state: there each call draws a fresh
+// 64-bit key from it and uses offset 0.
 #pragma once
 
 #include <cstdint>
