@@ -427,10 +427,10 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     try:
         if bpe_bytes is not None:
             tmp_tokenizer.write_bytes(bpe_bytes)
-            _fsync(tmp_tokenizer)
+            fsync_path(tmp_tokenizer)
             os.replace(tmp_tokenizer, directory / TOKENIZER_FILE)
         save_file(tensors, str(tmp_weights), metadata=metadata)
-        _fsync(tmp_weights)
+        fsync_path(tmp_weights)
         with open(tmp_config, "w") as f:
             json.dump(document, f, indent=2)
             f.write("\n")
@@ -438,14 +438,15 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp_weights, directory / WEIGHTS_FILE)
         os.replace(tmp_config, directory / CONFIG_FILE)
-        _fsync(directory)
+        fsync_path(directory)
     finally:
         for tmp in (tmp_weights, tmp_config, tmp_tokenizer):
             tmp.unlink(missing_ok=True)
     return directory
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (so that a rename in it is durable); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # e.g. directories on some platforms

@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsdfm.checkpoint import fsync_path
+
 __all__ = [
     "TOKEN_FORMAT",
     "BlockSampler",
@@ -95,19 +97,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_token_file(
     path: str | os.PathLike, documents, *, tokenizer: str, vocab_size: int
 ) -> Path:
@@ -146,7 +135,7 @@ def write_token_file(
             os.fsync(f.fileno())
         os.replace(tmp_bin, path)  # the sidecar goes last: it marks the file complete
         os.replace(tmp_json, _sidecar(path))
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         tmp_bin.unlink(missing_ok=True)
         tmp_json.unlink(missing_ok=True)

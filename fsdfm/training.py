@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from fsdfm import ops
-from fsdfm.checkpoint import load, save
+from fsdfm.checkpoint import fsync_path, load, save
 from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_rows
 from fsdfm.model import PRESETS, FSDFMTransformer, ModelConfig
 from fsdfm.path import SOURCES, MixturePath, PolynomialSchedule, sample_source
@@ -520,19 +520,6 @@ def shortcut_teacher(
 # Files
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write) -> None:
     """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -542,7 +529,7 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
