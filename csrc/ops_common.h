@@ -87,4 +87,41 @@ inline std::optional<at::Tensor> exclusion_of(const std::optional<at::Tensor>& e
   return tokens_of(*exclude, rows, like, "exclude");
 }
 
+// The checked arguments of jump_step and sample_categorical, shared by both devices. For
+// jump_step `tokens` are the current tokens x_t and `rate_scale` / `h` are set; for
+// sample_categorical `tokens` is the optional per-position exclusion (else `exclude_token`).
+struct DrawArgs {
+  at::Tensor logits;
+  RowLayout rows;
+  std::optional<at::Tensor> tokens;
+  int64_t exclude_token = -1;
+  std::optional<at::Tensor> rate_scale, h;
+};
+
+inline DrawArgs jump_args(const at::Tensor& logits_in, const at::Tensor& x_t,
+                          const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
+                          double temperature) {
+  DrawArgs a;
+  a.logits = rows_of(logits_in, "logits");
+  a.rows = layout_of(a.logits);
+  a.tokens = tokens_of(x_t, a.rows, a.logits, "x_t");
+  a.rate_scale = per_sequence_of(rate_scale, a.rows.B, a.logits, "rate_scale");
+  a.h = per_sequence_of(h, a.rows.B, a.logits, "h");
+  check_barrier(barrier);
+  check_temperature(temperature);
+  return a;
+}
+
+inline DrawArgs sample_args(const at::Tensor& logits_in, const std::optional<at::Tensor>& exclude,
+                            int64_t exclude_token, double barrier, double temperature) {
+  DrawArgs a;
+  a.logits = rows_of(logits_in, "logits");
+  a.rows = layout_of(a.logits);
+  a.tokens = exclusion_of(exclude, exclude_token, a.rows, a.logits);
+  a.exclude_token = exclude_token;
+  check_barrier(barrier);
+  check_temperature(temperature);
+  return a;
+}
+
 }  // namespace fsdfm

@@ -203,40 +203,30 @@ at::Tensor draw_rows(const at::Tensor& logits, const RowLayout& rows, uint64_t s
   return out;
 }
 
-at::Tensor jump_step_cpu(const at::Tensor& logits_in, const at::Tensor& x_t_in,
-                         const at::Tensor& rate_scale_in, const at::Tensor& h_in, double barrier,
+at::Tensor jump_step_cpu(const at::Tensor& logits, const at::Tensor& x_t,
+                         const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
                          double temperature, std::optional<at::Generator> generator) {
-  const at::Tensor logits = rows_of(logits_in, "logits");
-  const RowLayout rows = layout_of(logits);
-  const at::Tensor x_t = tokens_of(x_t_in, rows, logits, "x_t");
-  const at::Tensor rate_scale = per_sequence_of(rate_scale_in, rows.B, logits, "rate_scale");
-  const at::Tensor h = per_sequence_of(h_in, rows.B, logits, "h");
-  check_barrier(barrier);
-  check_temperature(temperature);
-  const int64_t* z = x_t.const_data_ptr<int64_t>();
-  const float* rate = rate_scale.const_data_ptr<float>();
-  const float* step = h.const_data_ptr<float>();
+  const DrawArgs a = jump_args(logits, x_t, rate_scale, h, barrier, temperature);
+  const int64_t* z = a.tokens->const_data_ptr<int64_t>();
+  const float* rate = a.rate_scale->const_data_ptr<float>();
+  const float* step = a.h->const_data_ptr<float>();
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const auto b = static_cast<float>(barrier);
-  return draw_rows(logits, rows, draw_seed(generator), [&](int64_t r) {
-    const int64_t seq = r / rows.L;
+  return draw_rows(a.logits, a.rows, draw_seed(generator), [&](int64_t r) {
+    const int64_t seq = r / a.rows.L;
     return RowTask{inv_temp, b, z[r], true, rate[seq], step[seq]};
   });
 }
 
-at::Tensor sample_categorical_cpu(const at::Tensor& logits_in,
-                                  const std::optional<at::Tensor>& exclude_in,
+at::Tensor sample_categorical_cpu(const at::Tensor& logits,
+                                  const std::optional<at::Tensor>& exclude,
                                   int64_t exclude_token, double barrier, double temperature,
                                   std::optional<at::Generator> generator) {
-  const at::Tensor logits = rows_of(logits_in, "logits");
-  const RowLayout rows = layout_of(logits);
-  const std::optional<at::Tensor> exclude = exclusion_of(exclude_in, exclude_token, rows, logits);
-  check_barrier(barrier);
-  check_temperature(temperature);
-  const int64_t* ex = exclude ? exclude->const_data_ptr<int64_t>() : nullptr;
+  const DrawArgs a = sample_args(logits, exclude, exclude_token, barrier, temperature);
+  const int64_t* ex = a.tokens ? a.tokens->const_data_ptr<int64_t>() : nullptr;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const auto b = static_cast<float>(barrier);
-  return draw_rows(logits, rows, draw_seed(generator), [&](int64_t r) {
+  return draw_rows(a.logits, a.rows, draw_seed(generator), [&](int64_t r) {
     // -1 means "no exclusion" only as exclude_token; in the tensor every id must be in [0, V),
     // so a negative one is passed on as -2, which draw_row rejects (as the CUDA kernel does).
     const int64_t excluded = ex ? (ex[r] < 0 ? -2 : ex[r]) : exclude_token;

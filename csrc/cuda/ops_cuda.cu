@@ -663,36 +663,26 @@ at::Tensor draw_rows(const at::Tensor& logits, const RowLayout& rows, const int6
   return out;
 }
 
-at::Tensor jump_step_cuda(const at::Tensor& logits_in, const at::Tensor& x_t_in,
-                          const at::Tensor& rate_scale_in, const at::Tensor& h_in, double barrier,
+at::Tensor jump_step_cuda(const at::Tensor& logits, const at::Tensor& x_t,
+                          const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
                           double temperature, std::optional<at::Generator> generator) {
-  check_cuda(logits_in, "logits");
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = rows_of(logits_in, "logits");
-  const RowLayout rows = layout_of(logits);
-  const at::Tensor x_t = tokens_of(x_t_in, rows, logits, "x_t");
-  const at::Tensor rate_scale = per_sequence_of(rate_scale_in, rows.B, logits, "rate_scale");
-  const at::Tensor h = per_sequence_of(h_in, rows.B, logits, "h");
-  check_barrier(barrier);
-  check_temperature(temperature);
-  return draw_rows(logits, rows, x_t.const_data_ptr<int64_t>(), -1,
-                   rate_scale.const_data_ptr<float>(), h.const_data_ptr<float>(), barrier,
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const DrawArgs a = jump_args(logits, x_t, rate_scale, h, barrier, temperature);
+  return draw_rows(a.logits, a.rows, a.tokens->const_data_ptr<int64_t>(), -1,
+                   a.rate_scale->const_data_ptr<float>(), a.h->const_data_ptr<float>(), barrier,
                    temperature, generator);
 }
 
-at::Tensor sample_categorical_cuda(const at::Tensor& logits_in,
-                                   const std::optional<at::Tensor>& exclude_in,
+at::Tensor sample_categorical_cuda(const at::Tensor& logits,
+                                   const std::optional<at::Tensor>& exclude,
                                    int64_t exclude_token, double barrier, double temperature,
                                    std::optional<at::Generator> generator) {
-  check_cuda(logits_in, "logits");
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = rows_of(logits_in, "logits");
-  const RowLayout rows = layout_of(logits);
-  const std::optional<at::Tensor> exclude = exclusion_of(exclude_in, exclude_token, rows, logits);
-  check_barrier(barrier);
-  check_temperature(temperature);
-  return draw_rows(logits, rows, exclude ? exclude->const_data_ptr<int64_t>() : nullptr,
-                   exclude_token, nullptr, nullptr, barrier, temperature, generator);
+  check_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const DrawArgs a = sample_args(logits, exclude, exclude_token, barrier, temperature);
+  return draw_rows(a.logits, a.rows, a.tokens ? a.tokens->const_data_ptr<int64_t>() : nullptr,
+                   a.exclude_token, nullptr, nullptr, barrier, temperature, generator);
 }
 
 at::Tensor probs_to_generator_cuda(const at::Tensor& probs_in, const at::Tensor& x_t_in,
