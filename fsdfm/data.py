@@ -199,20 +199,25 @@ def _text_files(data: Path) -> list[Path]:
     return files
 
 
+def tokenizer_identity(tokenizer: str) -> str:
+    """What makes two tokenizer names the same tokenizer: the name of a named one ("gpt2",
+    "byte"), the sha256 of the tokenizer.json of one given by path (a BPE), wherever it lies."""
+    path = Path(tokenizer)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if tokenizer in ("gpt2", "byte") or not file.is_file():
+        return tokenizer
+    return "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 def _fingerprint(files: list[Path], tokenizer: str) -> str:
     entries = []
     for f in files:
         stat = f.stat()
         entries.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
-    # A tokenizer given by path (a BPE) is identified by its content, not only its name.
-    tokenizer_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else None
-    tokenizer_file = tokenizer_file or (Path(tokenizer) if Path(tokenizer).is_file() else None)
-    content = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest() if tokenizer_file else None
     document = json.dumps(
         {
             "version": TOKEN_FORMAT_VERSION,
-            "tokenizer": tokenizer,
-            "tokenizer_sha256": content,
+            "tokenizer": tokenizer_identity(tokenizer),
             "files": entries,
         }
     )
@@ -242,7 +247,9 @@ def prepare_tokens(
             json.dumps([str(data.resolve()), stat.st_size, stat.st_mtime_ns]).encode()
         ).hexdigest()[:20]
         stream = _open_token_file(data, key)
-        if tokenizer is not None and stream.tokenizer != tokenizer:
+        if tokenizer is not None and tokenizer_identity(stream.tokenizer) != tokenizer_identity(
+            tokenizer
+        ):
             raise ValueError(f"{data} was tokenised with {stream.tokenizer!r}, not {tokenizer!r}")
         return stream
     if tokenizer is None:

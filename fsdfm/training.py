@@ -694,9 +694,12 @@ class _Run:
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
     def _resolve_paths(config: TrainConfig) -> TrainConfig:
+        keys = ["data", "out", "teacher"]
+        if config.tokenizer not in (None, *TOKENIZERS):  # a BPE tokenizer given by path
+            keys.append("tokenizer")
         absolute = {
             key: str(Path(getattr(config, key)).resolve())
-            for key in ("data", "out", "teacher")
+            for key in keys
             if getattr(config, key) is not None
         }
         return config.replace(**absolute)
