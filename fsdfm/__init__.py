@@ -5,10 +5,11 @@
 - :func:`fsdfm.load` / :func:`fsdfm.save` / :func:`fsdfm.convert`: checkpoints (released ``.pth``
   files, read with ``weights_only=True``; our safetensors directories);
 - :class:`fsdfm.FSDFMTransformer` / :class:`fsdfm.ModelConfig`: the DDiT transformer (SPEC 3);
-- :func:`fsdfm.get_tokenizer`: GPT-2 (offline) and byte tokenizers;
+- :func:`fsdfm.get_tokenizer`: GPT-2 (offline), byte and BPE (a tokenizer.json) tokenizers;
 - :mod:`fsdfm.path`: the schedule, the mixture path, the sources and the solvers' scalars;
 - :mod:`fsdfm.ops`: the per-step sampling ops (fused native kernels and their references);
-- :mod:`fsdfm.metrics`: generative perplexity, entropy, exact NLL and total variation;
+- :mod:`fsdfm.metrics`: generative perplexity, entropy, ELBO, exact NLL and total variation;
+- :mod:`fsdfm.evaluation` (imported on use): sweeps over steps and solvers (``fsdfm eval``);
 - :mod:`fsdfm.training` and :mod:`fsdfm.data` (imported on use): DFM pre-training and FS-DFM
   distillation (``fsdfm pretrain`` / ``fsdfm distill``) on token streams.
 """

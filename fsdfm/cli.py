@@ -1,10 +1,11 @@
 """The `fsdfm` command (also `python -m fsdfm`).
 
-    fsdfm sample [PROMPT] --model PATH [--steps 8] [--length N] [-n N] [--seed S] ...
+    fsdfm sample [PROMPT] [--model default|PATH] [--steps 8] [--length N] [-n N] [--watch] ...
     fsdfm convert IN.pth OUT_DIR [--weights ema|student|teacher|model] [--dtype bf16]
     fsdfm demo                      one fused FS-DFM step at GPT-2 scale, native vs reference
     fsdfm pretrain --data PATH --out DIR [--preset tiny] [--config FILE.yaml] ...
     fsdfm distill --teacher DIR --data PATH --out DIR [--teacher-type rk4|heun] ...
+    fsdfm eval --model NAME=PATH [--model ...] [--steps 1,2,4,8] [--scorer gpt2-large] ...
 
 User mistakes (a missing file, a bad flag value) end with one line on stderr and exit status 2.
 """
@@ -18,6 +19,8 @@ import time
 
 import torch
 
+from fsdfm.solver import SOLVERS
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -26,11 +29,11 @@ def _sample(args) -> None:
     from fsdfm.checkpoint import load
     from fsdfm.tokenizer import get_tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     model = load(args.model, weights=args.weights, device=device)
     name = args.tokenizer or getattr(model, "tokenizer_name", None)
     if name is None:
-        raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer gpt2|byte")
+        raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer")
     tokenizer = get_tokenizer(name)
     length = args.length or model.config.seq_len
     if not 1 <= length <= model.config.seq_len:
@@ -102,6 +105,7 @@ def _convert(args) -> None:
 
 def _demo(args) -> None:
     from fsdfm.ops import jump_step, jump_step_ref, native_available
+    from fsdfm.path import PolynomialSchedule
 
     device = "cuda" if native_available("cuda") and torch.cuda.is_available() else "cpu"
     B, L, V = 2, 256, 50257
@@ -109,7 +113,7 @@ def _demo(args) -> None:
     logits = torch.randn(B, L, V, device=device, generator=g) * 3
     x_t = torch.randint(0, V, (B, L), device=device, generator=g)
     t, h = 0.5, 1 / 8
-    alpha = (math.log(1 - t) - math.log(1 - t - h)) / h
+    alpha = PolynomialSchedule().cumulative_scalar(t, h)
     p_t = torch.softmax(logits.double(), -1).gather(-1, x_t[..., None])[..., 0]
     expected = float((-torch.expm1(-h * alpha * (1 - p_t))).mean())
     print(f"FS-DFM step on {device}: logits [{B}, {L}, {V}], t = {t}, h = {h}, alpha = {alpha:.4f}")
@@ -138,6 +142,94 @@ def _distill(args) -> None:
     training.main(args, "distill")
 
 
+NO_SCORER_NOTE = (
+    "No --scorer was given, so these rows report entropy only: the quality of generated text "
+    "needs a scorer (generative perplexity under an autoregressive language model of the same "
+    "tokenizer, e.g. --scorer gpt2-large for GPT-2-tokenised models). A model's own likelihood "
+    "bound (fsdfm.metrics.elbo) scores held-out data, not samples, so it cannot stand in."
+)
+
+
+def _named_models(specs: list[str]) -> dict[str, str]:
+    """NAME=PATH (or PATH, named after its last component) -> {name: path}."""
+    from pathlib import Path
+
+    named = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise ValueError(f"--model takes NAME=PATH, got {spec!r}")
+        if name in named:
+            raise ValueError(f"--model name {name!r} given twice")
+        named[name] = path
+    return named
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"step counts must be positive, got {text}")
+    return values
+
+
+def _eval(args) -> None:
+    from fsdfm.checkpoint import load
+    from fsdfm.evaluation import markdown_table, sweep, write_results
+    from fsdfm.metrics import generative_perplexity
+    from fsdfm.solver import SOLVERS
+
+    solvers = tuple(args.solvers.split(","))
+    bad = [s for s in solvers if s not in SOLVERS]
+    if bad:
+        raise ValueError(f"--solvers must be some of {', '.join(SOLVERS)}; got {', '.join(bad)}")
+    device = _device(args.device)
+    models = {
+        name: load(path, weights=args.weights, device=device).eval()
+        for name, path in _named_models(args.model).items()
+    }
+    for name, model in models.items():
+        if args.length is not None and args.length > model.config.seq_len:
+            raise ValueError(f"--length {args.length} exceeds {name}'s seq_len")
+    metric_fns = {}
+    if args.scorer:
+        from transformers import AutoModelForCausalLM
+
+        scorer = AutoModelForCausalLM.from_pretrained(args.scorer).to(device).eval()
+
+        def gen_ppl(tokens):
+            result = generative_perplexity(
+                tokens, scorer, batch_size=args.batch_size, device=device
+            )
+            return {"gen_ppl": result["mean"], "gen_ppl_corpus": result["corpus"]}
+
+        metric_fns["gen_ppl"] = gen_ppl
+    else:
+        print(f"fsdfm eval: note: {NO_SCORER_NOTE}", file=sys.stderr)
+    rows = sweep(
+        models,
+        steps=args.steps,
+        solvers=solvers,
+        n_samples=args.n,
+        batch_size=args.batch_size,
+        metric_fns=metric_fns,
+        seed=args.seed,
+        progress=True,
+        sample_kwargs={"seq_len": args.length} if args.length else None,
+        device=device,
+    )
+    note = f"Scorer: {args.scorer}." if args.scorer else NO_SCORER_NOTE
+    paths = write_results(
+        rows, args.out, quality="gen_ppl" if args.scorer else None, title="fsdfm eval", note=note
+    )
+    print(markdown_table(rows), end="")
+    print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}", file=sys.stderr)
+
+
 def _positive(kind):
     def parse(text):
         value = kind(text)
@@ -146,6 +238,37 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def _add_weights(parser: argparse.ArgumentParser) -> None:
+    from fsdfm.checkpoint import WEIGHT_CHOICES
+
+    parser.add_argument(
+        "--weights",
+        choices=list(WEIGHT_CHOICES),
+        default=None,
+        help="which model of a released FS-DFM .pth (default: the EMA student)",
+    )
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
+
+
+def _device(requested: str | None) -> str:
+    """The device to run on: cuda when available unless told; a clear error if it is not."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,17 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="default (the bundled model), a directory written by fsdfm.save, or a released .pth",
     )
-    s.add_argument(
-        "--weights",
-        choices=["ema", "student", "teacher", "model"],
-        default=None,
-        help="which model of a released FS-DFM .pth (default: the EMA student)",
-    )
+    _add_weights(s)
     s.add_argument(
         "--tokenizer",
-        choices=["gpt2", "byte"],
         default=None,
-        help="override the tokenizer the checkpoint names",
+        help="override the tokenizer the checkpoint names: gpt2, byte or a BPE tokenizer.json",
     )
     s.add_argument("--steps", type=_positive(int), default=8, help="model calls (default 8)")
     s.add_argument(
@@ -196,19 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--solver",
-        choices=["cumulative", "euler", "dfm"],
+        choices=list(SOLVERS),
         default="cumulative",
         help="cumulative = FS-DFM (default), euler, or dfm (the 1024-step baseline)",
     )
-    s.add_argument(
-        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
-    )
+    _add_device(s)
     s.add_argument("--progress", action="store_true", help="show a progress bar over the steps")
     s.add_argument(
         "--watch", action="store_true", help="show the first text changing step by step (stderr)"
     )
     s.add_argument(
-        "--watch-delay", type=float, default=0.4, help="seconds between --watch frames (0.4)"
+        "--watch-delay", type=_non_negative, default=0.4, help="seconds between frames (0.4)"
     )
     s.set_defaults(run=_sample)
 
@@ -220,12 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("src", help="the .pth file")
     c.add_argument("out", help="the output directory")
-    c.add_argument(
-        "--weights",
-        choices=["ema", "student", "teacher", "model"],
-        default=None,
-        help="which model of an FS-DFM file (default: the EMA student)",
-    )
+    _add_weights(c)
     c.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: keep)"
     )
@@ -254,6 +364,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(t, "distill")
     t.set_defaults(run=_distill)
+
+    from fsdfm.evaluation import STEPS
+
+    e = sub.add_parser(
+        "eval",
+        help="sample quality and entropy against the number of steps",
+        description="Sample from each model with each solver at each step count and score the "
+        "samples: generative perplexity under --scorer (a transformers causal LM) and the mean "
+        "unigram entropy. Writes results.json, results.md and results.png into --out and prints "
+        "the table.",
+    )
+    e.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a model to evaluate (a directory of fsdfm.save or a released .pth); repeatable",
+    )
+    _add_weights(e)
+    e.add_argument(
+        "--steps",
+        type=_int_list,
+        default=STEPS,
+        help="comma-separated step counts (default 1,2,4,...,1024)",
+    )
+    e.add_argument(
+        "--solvers", default="cumulative,dfm", help="comma-separated (default cumulative,dfm)"
+    )
+    e.add_argument("-n", type=_positive(int), default=16, help="samples per setting (default 16)")
+    e.add_argument(
+        "--batch-size", type=_positive(int), default=16, help="samples per call (default 16)"
+    )
+    e.add_argument(
+        "--length",
+        type=_positive(int),
+        default=None,
+        help="tokens per sample (default: the model's length)",
+    )
+    e.add_argument(
+        "--scorer",
+        default=None,
+        help="a transformers causal LM name or path for generative perplexity (e.g. gpt2-large)",
+    )
+    e.add_argument("--out", default="eval", help="output directory (default ./eval)")
+    e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_device(e)
+    e.set_defaults(run=_eval)
     return parser
 
 
@@ -264,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["demo"])
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    # User mistakes (bad values, missing or unwritable files, a missing optional package) end
+    # in one line; anything else is a bug and keeps its traceback.
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
         print(f"fsdfm {args.command or 'demo'}: error: {error}", file=sys.stderr)
         return 2
     return 0

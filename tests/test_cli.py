@@ -102,3 +102,15 @@ def test_python_dash_m(released):
         [sys.executable, "-m", "fsdfm", "--help"], capture_output=True, text=True, check=True
     )
     assert "sample" in done.stdout and "convert" in done.stdout
+
+
+def test_more_user_errors_are_one_line(released, tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert main(["sample", "--model", str(released), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["convert", str(released), str(blocker / "out")]) == 2  # an unwritable target
+    assert capsys.readouterr().err.startswith("fsdfm convert: error:")
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(released), "--watch-delay", "-1"])

@@ -1,0 +1,360 @@
+"""Evaluation sweeps: sample quality against the number of steps (SPEC 5), and synthetic laws
+with a known answer for the small reproductions of the paper's claim (docs/results.md).
+
+- :func:`sweep`: for each model, solver and step count, draw samples with :func:`fsdfm.sample`
+  and score them: one row per configuration with the number of model calls (NFE), the metrics,
+  the mean unigram entropy (bits) and the wall-clock time of sampling.
+- :func:`write_results`: rows -> ``results.json``, ``results.md`` (a markdown table) and
+  ``results.png`` (a metric and entropy against the steps, one line per model and solver).
+- :func:`checkerboard_law`, :func:`checkerboard_scores`: the 2-D checkerboard of the paper's
+  figure as a law over V^2 and the scores of samples against it (total variation per cell and per
+  block, with the floor that sampling noise alone gives, and the mass on the black squares).
+- :class:`MarkovChain`: a random order-2 Markov chain over V symbols, its samples and its exact
+  log-probability (for :func:`fsdfm.metrics.exact_nll`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from fsdfm.metrics import total_variation, unigram_entropy
+from fsdfm.solver import SOLVERS, model_device
+from fsdfm.solver import sample as fsdfm_sample
+
+__all__ = [
+    "STEPS",
+    "MarkovChain",
+    "checkerboard_law",
+    "checkerboard_scores",
+    "markdown_table",
+    "sweep",
+    "tv_noise_floor",
+    "write_results",
+]
+
+STEPS = tuple(2**k for k in range(11))  # 1, 2, 4, ..., 1024
+# Columns every row has, in this order; the metric columns come after them.
+BASE_COLUMNS = ("model", "solver", "steps", "nfe", "n")
+TAIL_COLUMNS = ("entropy", "seconds")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def sweep(
+    models: Mapping[str, Callable],
+    *,
+    steps: Sequence[int] = STEPS,
+    solvers: Sequence[str] | Mapping[str, Sequence[str]] = ("cumulative", "dfm"),
+    n_samples: int = 256,
+    batch_size: int = 64,
+    metric_fns: Mapping[str, Callable[[torch.Tensor], float]] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    sample_kwargs: Mapping | None = None,
+    device: torch.device | str | None = None,
+    on_samples: Callable[[dict, torch.Tensor], None] | None = None,
+) -> list[dict]:
+    """Sample from every model with every solver at every step count and score the samples.
+
+    models: name -> an fsdfm model or any callable ``model(x_t, t, h)`` (see :func:`fsdfm.sample`).
+    solvers: the solvers for every model, or name -> solvers (e.g. a student with "cumulative"
+        only; the "dfm" solver ignores what a student learnt about big steps).
+    n_samples, batch_size: samples per configuration, drawn ``batch_size`` at a time.
+    metric_fns: name -> ``fn(tokens [n, L])`` returning a float (the column ``name``) or a dict
+        of floats (its keys become columns), e.g. generative perplexity, exact NLL, total
+        variation; every row also gets ``entropy``, the mean unigram entropy in bits.
+    seed: every configuration draws from a generator seeded with ``seed``, so that the rows share
+        their random numbers as far as the solvers allow (common random numbers make differences
+        between rows less noisy than independent draws would).
+    sample_kwargs: passed to :func:`fsdfm.sample` (seq_len, source, temperature ...).
+    on_samples: ``on_samples(row, tokens)`` after each configuration, to keep or plot samples.
+    Returns one dict per configuration: model, solver, steps, nfe (model calls: one per step),
+    n, the metrics, entropy, seconds (sampling only, not scoring).
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for k in steps:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"steps must be positive integers, got {k!r}")
+    per_model = {
+        name: tuple(solvers[name] if isinstance(solvers, Mapping) else solvers) for name in models
+    }
+    for name, chosen in per_model.items():
+        bad = [s for s in chosen if s not in SOLVERS]
+        if bad or not chosen:
+            raise ValueError(f"solvers for {name!r} must be some of {SOLVERS}, got {chosen}")
+    metric_fns = dict(metric_fns or {})
+    clash = set(metric_fns) & {*BASE_COLUMNS, *TAIL_COLUMNS}
+    if clash:
+        raise ValueError(f"metric names {sorted(clash)} clash with the standard columns")
+    plan = [(name, solver, k) for name in models for solver in per_model[name] for k in steps]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        # Weighted by model calls, so that the bar's rate and time left are meaningful.
+        bar = tqdm(total=sum(k for *_, k in plan), desc="fsdfm eval", unit="NFE")
+    rows = []
+    try:
+        for name, solver, k in plan:
+            if bar is not None:
+                bar.set_postfix_str(f"{name} {solver} {k} steps")
+            tokens, seconds = _draw(
+                models[name], solver, k, n_samples, batch_size, seed, sample_kwargs, device
+            )
+            row = {"model": name, "solver": solver, "steps": k, "nfe": k, "n": n_samples}
+            for metric, fn in metric_fns.items():
+                value = fn(tokens)
+                if isinstance(value, Mapping):
+                    row.update({key: float(v) for key, v in value.items()})
+                else:
+                    row[metric] = float(value)
+            row["entropy"] = float(unigram_entropy(tokens).mean())
+            row["seconds"] = seconds
+            rows.append(row)
+            if on_samples is not None:
+                on_samples(row, tokens)
+            if bar is not None:
+                bar.update(k)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def _draw(model, solver, steps, n, batch_size, seed, sample_kwargs, device):
+    """n samples [n, L] on the CPU and the seconds that sampling took."""
+    kwargs = dict(sample_kwargs or {})
+    if device is not None:
+        kwargs["device"] = device
+    where = torch.device(device) if device is not None else model_device(model) or "cpu"
+    generator = torch.Generator(where).manual_seed(seed)
+    parts = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, n, batch_size):
+            size = min(batch_size, n - first)
+            parts.append(
+                fsdfm_sample(
+                    model, steps, batch_size=size, solver=solver, generator=generator, **kwargs
+                ).cpu()
+            )
+    return torch.cat(parts), time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------
+# Results files
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    metrics = []
+    for row in rows:
+        for key in row:
+            if key not in BASE_COLUMNS and key not in TAIL_COLUMNS and key not in metrics:
+                metrics.append(key)
+    return [*BASE_COLUMNS, *metrics, *TAIL_COLUMNS]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The rows as a markdown table, one column per key (standard columns first)."""
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    rows: Sequence[dict],
+    out_dir: str | Path,
+    *,
+    quality: str | None = None,
+    title: str | None = None,
+    note: str | None = None,
+    lower_is_better: bool = True,
+) -> dict[str, Path]:
+    """Write ``results.json`` (the rows), ``results.md`` (title, note, table) and ``results.png``
+    (``quality`` and entropy against the steps on a log scale, one line per model and solver) into
+    ``out_dir``. quality: the metric to plot (default: the first metric column; with none, only
+    entropy is plotted). Returns {"json", "md", "png"} -> paths."""
+    if not rows:
+        raise ValueError("no rows to write")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = _columns(rows)
+    metrics = [c for c in columns if c not in BASE_COLUMNS and c not in TAIL_COLUMNS]
+    if quality is None:
+        quality = metrics[0] if metrics else None
+    elif quality not in metrics:
+        raise ValueError(f"quality {quality!r} is not a metric of the rows: {metrics}")
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths["json"].write_text(json.dumps(list(rows), indent=1) + "\n")
+    text = []
+    if title:
+        text.append(f"# {title}\n")
+    if note:
+        text.append(note.strip() + "\n")
+    text.append(markdown_table(rows))
+    paths["md"].write_text("\n".join(text))
+    _plot(rows, paths["png"], quality, title, lower_is_better)
+    return paths
+
+
+def _plot(rows, path: Path, quality: str | None, title: str | None, lower_is_better: bool):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    panels = [quality, "entropy"] if quality else ["entropy"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        lines.setdefault((row["model"], row["solver"]), []).append(row)
+    for ax, key in zip(axes[0], panels, strict=True):
+        for (model, solver), group in lines.items():
+            group = sorted((r for r in group if r.get(key) is not None), key=lambda r: r["steps"])
+            if group:
+                ax.plot(
+                    [r["steps"] for r in group],
+                    [r[key] for r in group],
+                    marker="o",
+                    markersize=3,
+                    label=f"{model} ({solver})",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("steps (NFE)")
+        better = "lower" if lower_is_better else "higher"
+        ax.set_ylabel(f"{key} ({better} is better)" if key == quality else "entropy (bits)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkerboard
+
+
+def checkerboard_law(vocab_size: int = 128, squares: int = 8) -> torch.Tensor:
+    """The law [V, V] (float64) of (x, y) uniform on the black squares of a ``squares`` x
+    ``squares`` checkerboard laid over the V x V grid: cell (x, y) is black when
+    (x // s + y // s) is even, s = V / squares cells per square side. Half the cells are black,
+    and both marginals are uniform: only the joint law tells the board from noise."""
+    if vocab_size % squares:
+        raise ValueError(f"squares = {squares} must divide vocab_size = {vocab_size}")
+    side = vocab_size // squares
+    block = torch.arange(vocab_size) // side
+    black = (block[:, None] + block[None, :]) % 2 == 0
+    return black.double() / black.sum()
+
+
+def _coarsen(law: torch.Tensor, factor: int) -> torch.Tensor:
+    V = law.shape[0]
+    return law.reshape(V // factor, factor, V // factor, factor).sum((1, 3))
+
+
+def tv_noise_floor(law: torch.Tensor, n: int, *, repeats: int = 3, seed: int = 0) -> float:
+    """Mean total variation between ``law`` (any shape) and the empirical law of n exact draws
+    from it: what a perfect sampler scores with n samples."""
+    flat = law.double().flatten()
+    g = torch.Generator().manual_seed(seed)
+    tvs = []
+    for _ in range(repeats):
+        counts = torch.bincount(
+            torch.multinomial(flat, n, replacement=True, generator=g), minlength=flat.numel()
+        )
+        tvs.append(0.5 * float((counts.double() / n - flat).abs().sum()))
+    return sum(tvs) / len(tvs)
+
+
+def checkerboard_scores(
+    tokens: torch.Tensor, law: torch.Tensor, *, block: int = 8
+) -> dict[str, float]:
+    """Scores of samples [n, 2] against the checkerboard ``law`` [V, V]:
+
+    tv: total variation per cell (V^2 cells; needs n >> V^2 / 2 samples before it falls near 0),
+    tv_block: per block of ``block`` x ``block`` cells (less sampling noise),
+    tv_floor, tv_block_floor: what exact draws of the same n score (the sampling-noise floor),
+    black: the share of samples on black squares (1 for the law, 1/2 for independent uniform
+    coordinates: the marginals alone cannot place a point)."""
+    if tokens.dim() != 2 or tokens.shape[1] != 2:
+        raise ValueError(f"checkerboard samples are [n, 2], got {tuple(tokens.shape)}")
+    n = tokens.shape[0]
+    coarse = _coarsen(law, block)
+    return {
+        "tv": total_variation(tokens, law),
+        "tv_floor": tv_noise_floor(law, n),
+        "tv_block": total_variation(torch.div(tokens, block, rounding_mode="floor"), coarse),
+        "tv_block_floor": tv_noise_floor(coarse, n),
+        "black": float((law[tokens[:, 0], tokens[:, 1]] > 0).double().mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# An order-2 Markov chain
+
+
+class MarkovChain:
+    """x_1, x_2 uniform, then x_i ~ P(. | x_{i-2}, x_{i-1}) for i = 3..L, with each conditional
+    drawn from a symmetric Dirichlet(``concentration``) (small = peaked rows = low entropy).
+
+    ``sample(n, generator)`` -> int64 [n, L]; ``log_prob(tokens [n, L])`` -> [n] natural logs
+    (for :func:`fsdfm.metrics.exact_nll`); ``entropy_rate`` the mean entropy per token (nats) of
+    the chain's conditionals under a uniform history, a reference for the NLL per token."""
+
+    def __init__(self, vocab_size: int, seq_len: int, *, concentration: float = 0.1, seed=0):
+        if vocab_size < 2 or seq_len < 3:
+            raise ValueError("need vocab_size >= 2 and seq_len >= 3")
+        import numpy as np
+
+        # Dirichlet rows as normalised Gamma draws, from NumPy's seeded generator (torch's Gamma
+        # sampler only draws from the global RNG).
+        w = np.random.default_rng(seed).gamma(concentration, size=(vocab_size,) * 3)
+        w = torch.from_numpy(w)
+        self.table = w / w.sum(-1, keepdim=True)  # [V, V, V]: P(c | a, b)
+        self.log_table = self.table.clamp_min(1e-300).log()
+        self.vocab_size, self.seq_len = vocab_size, seq_len
+
+    @property
+    def entropy_rate(self) -> float:
+        h = -(self.table * self.log_table).sum(-1)
+        return float(h.mean())
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        V, L = self.vocab_size, self.seq_len
+        x = torch.empty(n, L, dtype=torch.long)
+        x[:, :2] = torch.randint(0, V, (n, 2), generator=generator)
+        for i in range(2, L):
+            rows = self.table[x[:, i - 2], x[:, i - 1]]
+            x[:, i] = torch.multinomial(rows, 1, generator=generator)[:, 0]
+        return x
+
+    def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
+        V = self.vocab_size
+        first = -2 * math.log(V)
+        steps = self.log_table[tokens[:, :-2], tokens[:, 1:-1], tokens[:, 2:]]
+        return first + steps.sum(-1)

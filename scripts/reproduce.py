@@ -1,0 +1,384 @@
+"""The paper's claim reproduced in small, on a CPU (docs/results.md has the numbers).
+
+    python scripts/reproduce.py checkerboard --source uniform   # 2-D checkerboard, V = 128, L = 2
+    python scripts/reproduce.py checkerboard --source mask
+    python scripts/reproduce.py markov                          # order-2 Markov chain, L = 128
+    python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
+
+Each problem: write the training set as a token file, pre-train a DFM teacher and distil an
+FS-DFM student with :func:`fsdfm.training.train` (the code behind ``fsdfm pretrain`` /
+``fsdfm distill``), then sweep the step counts with :func:`fsdfm.evaluation.sweep` and score the
+samples against the known law. Everything lands in ``--out`` (default ``runs/PROBLEM-SOURCE``):
+``teacher/``, ``student/``, ``eval-student/results.{json,md,png}``; the figures are copied to
+``--figures`` (default ``docs/figures/``). Re-running resumes the training runs (or skips them
+when finished); ``--student-dir NAME`` distils another student from the same teacher
+(``eval-NAME/``).
+
+The problems' symbols have no text: a token file must name a tokenizer whose vocabulary is V, so
+each run writes a word-level ``tokenizer.json`` of V symbols (``s0`` ... ; the last one is named
+``<|endoftext|>``, which fsdfm's tokenizer loader requires; it is an ordinary symbol here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fsdfm.checkpoint import load  # noqa: E402
+from fsdfm.data import write_token_file  # noqa: E402
+from fsdfm.evaluation import (  # noqa: E402
+    MarkovChain,
+    checkerboard_law,
+    checkerboard_scores,
+    sweep,
+    write_results,
+)
+from fsdfm.metrics import elbo, exact_nll  # noqa: E402
+from fsdfm.model import PRESETS, ModelConfig  # noqa: E402
+from fsdfm.training import TrainConfig, train  # noqa: E402
+
+FIGURES = ROOT / "docs" / "figures"
+
+
+# CPU-sized transformers (heads of 64 as in the released models). Registered under these names
+# so that TrainConfig.preset can name them; the saved models carry their full config.
+PRESETS["toy-pairs"] = ModelConfig(dim=64, n_blocks=2, n_heads=1, cond_dim=32, seq_len=2)
+PRESETS["toy-chain"] = ModelConfig(dim=128, n_blocks=2, n_heads=2, cond_dim=64, seq_len=128)
+
+
+def symbol_tokenizer(vocab_size: int, directory: Path) -> Path:
+    """A word-level tokenizer.json of ``vocab_size`` symbols (see the module docstring)."""
+    from tokenizers import Tokenizer, models
+
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        vocab = {f"s{i}": i for i in range(vocab_size - 1)}
+        vocab["<|endoftext|>"] = vocab_size - 1
+        directory.mkdir(parents=True, exist_ok=True)
+        Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>")).save(str(path))
+    return path
+
+
+def write_data(tokens: torch.Tensor, out: Path, tokenizer: Path, vocab_size: int) -> Path:
+    """The training sequences [n, L] as one token stream: blocks of L tokens are the rows."""
+    path = out / "train.bin"
+    if not path.with_suffix(".json").is_file():
+        write_token_file(
+            path, [tokens.flatten().numpy()], tokenizer=str(tokenizer), vocab_size=vocab_size
+        )
+    return path
+
+
+def train_pair(out: Path, data: Path, tokenizer: Path, args, preset: str, seq_len: int):
+    """Pre-train the teacher, then distil the student; returns the training seconds of each
+    (of this invocation: 0 when a finished run is found)."""
+    common = dict(
+        data=str(data),
+        tokenizer=str(tokenizer),
+        seq_len=seq_len,
+        dropout=0.0,
+        batch_size=args.batch_size,
+        device="cpu",
+        seed=args.seed,
+        eval_every=args.eval_every,
+        save_every=500,
+        log_every=50,
+    )
+    seconds = {}
+    start = time.perf_counter()
+    train(
+        TrainConfig(
+            mode="pretrain",
+            out=str(out / "teacher"),
+            preset=preset,
+            source=args.source,
+            loss="ce",
+            steps=args.teacher_steps,
+            lr=args.teacher_lr,
+            **common,
+        )
+    )
+    seconds["teacher"] = time.perf_counter() - start
+    start = time.perf_counter()
+    train(
+        TrainConfig(
+            mode="distill",
+            out=str(out / args.student_dir),
+            teacher=str(out / "teacher" / "model"),
+            teacher_type="rk4",
+            steps=args.student_steps,
+            lr=args.student_lr,
+            ema=args.ema,
+            **common,
+        )
+    )
+    seconds["student"] = time.perf_counter() - start
+    return seconds
+
+
+def load_pair(out: Path, student_dir: str):
+    teacher = load(out / "teacher" / "model", device="cpu").eval()
+    student = load(out / student_dir / "model_ema", device="cpu").eval()
+    return {"teacher": teacher, "student": student}
+
+
+def evaluate(models, args, metric_fns, on_samples=None) -> list[dict]:
+    """Teacher with both solvers and the student with its own at the few-step budgets (n =
+    --samples), then the teacher's 1024-step baseline on fewer samples (--samples-long): on a
+    CPU one 1024-step run costs as much as 1024 one-step runs."""
+    solvers = {"teacher": ("dfm", "cumulative"), "student": ("cumulative",)}
+    common = dict(
+        batch_size=args.eval_batch, metric_fns=metric_fns, seed=args.seed, on_samples=on_samples
+    )
+    rows = sweep(models, steps=args.steps, solvers=solvers, n_samples=args.samples, **common)
+    rows += sweep(
+        {"teacher": models["teacher"]},
+        steps=(args.long_steps,),
+        solvers=("dfm",),
+        n_samples=args.samples_long,
+        **common,
+    )
+    return rows
+
+
+def likelihood_bounds(models, held_out: torch.Tensor, true_nll: float) -> str:
+    """The DFM bound (nats per token) of teacher and student (at h = 1/1024) on held-out data,
+    as a sentence for the results note."""
+    parts = []
+    for name, model in models.items():
+        bound = elbo(model, held_out, n_times=32, batch_size=1000)["nats_per_token"]
+        parts.append(f"{name} {bound:.3f}")
+    return (
+        f"ELBO on {len(held_out)} held-out sequences (nats/token, 32 times): "
+        f"{', '.join(parts)}; the law's own NLL is {true_nll:.3f}."
+    )
+
+
+def _density_figure(samples: dict, vocab_size: int, path: Path, title: str) -> None:
+    """2-D histograms of the kept samples, one panel per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(samples), figsize=(2.0 * len(samples), 2.3))
+    for ax, (label, tokens) in zip(axes, samples.items(), strict=True):
+        counts = torch.zeros(vocab_size, vocab_size)
+        counts.index_put_((tokens[:, 1], tokens[:, 0]), torch.ones(len(tokens)), accumulate=True)
+        ax.imshow(counts.numpy(), cmap="magma", origin="lower", interpolation="nearest")
+        ax.set_title(label, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def checkerboard(args) -> None:
+    V = 128
+    out = Path(args.out or ROOT / "runs" / f"checkerboard-{args.source}")
+    out.mkdir(parents=True, exist_ok=True)
+    law = checkerboard_law(V, squares=8)
+    g = torch.Generator().manual_seed(args.seed)
+    cells = torch.multinomial(law.flatten(), args.train_pairs, replacement=True, generator=g)
+    pairs = torch.stack([cells // V, cells % V], dim=1)
+    tokenizer = symbol_tokenizer(V, out / "tokenizer")
+    data = write_data(pairs, out, tokenizer, V)
+    seconds = train_pair(out, data, tokenizer, args, "toy-pairs", seq_len=2)
+    print(f"training seconds (this invocation): {seconds}", file=sys.stderr)
+
+    models = load_pair(out, args.student_dir)
+    keep = {}
+    shown = {
+        ("teacher", "dfm", 1),
+        ("teacher", "dfm", 8),
+        ("teacher", "cumulative", 8),
+        ("student", "cumulative", 1),
+        ("student", "cumulative", 8),
+        ("teacher", "dfm", args.long_steps),
+    }
+
+    def on_samples(row, tokens):
+        key = (row["model"], row["solver"], row["steps"])
+        if key in shown:
+            keep[f"{key[0]} {key[1]} {key[2]}"] = tokens[: args.samples_long]
+
+    rows = evaluate(models, args, {"board": lambda x: checkerboard_scores(x, law)}, on_samples)
+    note = (
+        f"Checkerboard V = {V}, L = 2, 8 x 8 squares of 16 x 16 cells, {args.source} source. "
+        "tv: total variation over the 128^2 cells; tv_block: over blocks of 8 x 8 cells; "
+        "*_floor: the same for n exact draws (sampling noise alone); black: share of samples "
+        "on black squares (1 is perfect, 0.5 = independent coordinates). "
+    )
+    held_out = torch.multinomial(law.flatten(), 2000, replacement=True, generator=g)
+    held_out = torch.stack([held_out // V, held_out % V], 1)
+    note += likelihood_bounds(models, held_out, math.log(law.gt(0).sum().item()) / 2)
+    paths = write_results(
+        rows,
+        out / f"eval-{args.student_dir}",
+        quality="black",
+        lower_is_better=False,
+        note=note,
+        title=f"checkerboard, {args.source} source",
+    )
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    tag = f"checkerboard-{args.source}" + (
+        "" if args.student_dir == "student" else f"-{args.student_dir}"
+    )
+    shutil.copy(paths["png"], figures / f"{tag}.png")
+    truth = torch.multinomial(law.flatten(), args.samples_long, replacement=True, generator=g)
+    keep = {"true law": torch.stack([truth // V, truth % V], 1), **keep}
+    _density_figure(
+        keep,
+        V,
+        figures / f"{tag}-samples.png",
+        f"checkerboard, {args.source} source: {args.samples_long} samples each",
+    )
+    print(paths["md"].read_text())
+
+
+def markov(args) -> None:
+    V, L = args.vocab, 128
+    out = Path(args.out or ROOT / "runs" / f"markov-{args.source}")
+    out.mkdir(parents=True, exist_ok=True)
+    chain = MarkovChain(V, L, concentration=args.concentration, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    tokenizer = symbol_tokenizer(V, out / "tokenizer")
+    data = write_data(chain.sample(args.train_seqs, g), out, tokenizer, V)
+    seconds = train_pair(out, data, tokenizer, args, "toy-chain", seq_len=L)
+    print(f"training seconds (this invocation): {seconds}", file=sys.stderr)
+    models = load_pair(out, args.student_dir)
+    rows = evaluate(models, args, {"nll": lambda x: exact_nll(x, chain.log_prob)["per_token"]})
+    truth = chain.sample(args.samples, g)
+    held_out = chain.sample(200, g)
+    nll = exact_nll(held_out, chain.log_prob)["per_token"]
+    note = (
+        f"Order-2 Markov chain, V = {V}, L = {L}, Dirichlet({args.concentration}) rows, "
+        f"{args.source} source. nll: exact NLL per token under the chain (nats); the chain's own "
+        f"samples score {exact_nll(truth, chain.log_prob)['per_token']:.3f} (entropy rate "
+        f"{chain.entropy_rate:.3f}). " + likelihood_bounds(models, held_out, nll)
+    )
+    paths = write_results(
+        rows,
+        out / f"eval-{args.student_dir}",
+        quality="nll",
+        note=note,
+        title=f"order-2 Markov chain, {args.source} source",
+    )
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(paths["png"], figures / f"markov-{args.source}.png")
+    print(paths["md"].read_text())
+
+
+def replot(args) -> None:
+    """Rewrite results.md / results.png of finished sweeps from their results.json (the note is
+    kept from results.md), without sampling again: ``replot runs/checkerboard-uniform``."""
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    for results in sorted(Path(args.run).glob("eval-*/results.json")):
+        rows = json.loads(results.read_text())
+        text = results.with_suffix(".md").read_text().split("\n\n")
+        title, note = text[0].removeprefix("# "), text[1]
+        board = "black" in rows[0]
+        paths = write_results(
+            rows,
+            results.parent,
+            quality="black" if board else "nll",
+            lower_is_better=not board,
+            title=title,
+            note=note,
+        )
+        student = results.parent.name.removeprefix("eval-")
+        tag = Path(args.run).name + ("" if student == "student" else f"-{student}")
+        shutil.copy(paths["png"], figures / f"{tag}.png")
+        print(f"rewrote {paths['md']} and {figures / f'{tag}.png'}", file=sys.stderr)
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.split(","))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="problem", required=True)
+    for name, defaults in (
+        (
+            "checkerboard",
+            dict(
+                teacher_steps=10000,
+                student_steps=3000,
+                batch_size=256,
+                samples=50000,
+                samples_long=5000,
+                eval_batch=10000,
+            ),
+        ),
+        (
+            "markov",
+            dict(
+                teacher_steps=1500,
+                student_steps=400,
+                batch_size=32,
+                samples=256,
+                samples_long=64,
+                eval_batch=256,
+            ),
+        ),
+    ):
+        p = sub.add_parser(name)
+        p.add_argument("--source", choices=["uniform", "mask"], default="uniform")
+        p.add_argument("--out", default=None)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--figures", default=str(FIGURES), help="where the plots are copied")
+        p.add_argument("--teacher-steps", type=int, default=defaults["teacher_steps"])
+        p.add_argument("--student-steps", type=int, default=defaults["student_steps"])
+        p.add_argument("--teacher-lr", type=float, default=1e-3)
+        p.add_argument("--student-lr", type=float, default=3e-4)
+        p.add_argument("--ema", type=float, default=0.999)
+        p.add_argument(
+            "--student-dir",
+            default="student",
+            help="the student's directory under --out (another name trains another student)",
+        )
+        p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+        p.add_argument("--eval-every", type=int, default=500)
+        p.add_argument(
+            "--steps",
+            type=_steps,
+            default=(1, 2, 4, 8, 16),
+            help="the few-step budgets, comma-separated",
+        )
+        p.add_argument("--long-steps", type=int, default=1024, help="the baseline's budget")
+        p.add_argument("--samples", type=int, default=defaults["samples"])
+        p.add_argument("--samples-long", type=int, default=defaults["samples_long"])
+        p.add_argument("--eval-batch", type=int, default=defaults["eval_batch"])
+        if name == "checkerboard":
+            p.add_argument("--train-pairs", type=int, default=200000)
+        else:
+            p.add_argument("--vocab", type=int, default=256)
+            p.add_argument("--concentration", type=float, default=0.1)
+            p.add_argument("--train-seqs", type=int, default=20000)
+    r = sub.add_parser("replot", help="rewrite the tables and plots of a run from its JSON")
+    r.add_argument("run", help="a run directory, e.g. runs/checkerboard-uniform")
+    r.add_argument("--figures", default=str(FIGURES), help="where the plots are copied")
+    args = parser.parse_args(argv)
+    # One thread: the 2 cores are shared, and oversubscribed OpenMP threads run 10x slower.
+    torch.set_num_threads(1)
+    {"checkerboard": checkerboard, "markov": markov, "replot": replot}[args.problem](args)
+
+
+if __name__ == "__main__":
+    main()

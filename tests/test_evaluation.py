@@ -1,0 +1,292 @@
+"""Evaluation: the ELBO against exact answers, the sweep and its files, `fsdfm eval`, and the
+synthetic laws of the reproductions (checkerboard, Markov chain)."""
+
+import json
+
+import pytest
+import torch
+from oracle import ExactPosterior, correlated_law
+
+import fsdfm
+from fsdfm.cli import main
+from fsdfm.evaluation import (
+    MarkovChain,
+    checkerboard_law,
+    checkerboard_scores,
+    sweep,
+    tv_noise_floor,
+    write_results,
+)
+from fsdfm.metrics import elbo, exact_nll
+
+
+def _draw(q: torch.Tensor, n: int, seed: int = 1) -> torch.Tensor:
+    """n sequences [n, L] from the joint law q [V] * L."""
+    V, L = q.shape[0], q.dim()
+    g = torch.Generator().manual_seed(seed)
+    index = torch.multinomial(q.flatten(), n, replacement=True, generator=g)
+    return torch.stack([(index // V ** (L - 1 - i)) % V for i in range(L)], 1)
+
+
+def _nll_per_token(q: torch.Tensor, x: torch.Tensor) -> float:
+    oracle = ExactPosterior(q)
+    return exact_nll(x, lambda t: oracle.q.flatten()[oracle.joint_index(t)].log())["per_token"]
+
+
+@pytest.fixture(scope="module")
+def law():
+    return correlated_law(3, 3, seed=2)
+
+
+def test_elbo_of_the_exact_model_with_a_mask_source_is_the_nll(law):
+    # With a mask source the path's state records every revealed token, so the mixture of the
+    # conditional paths is Markov and the exact model's bound is tight (up to Monte Carlo noise).
+    x = _draw(law, 3000)
+    oracle = ExactPosterior(law, "mask")
+    bound = elbo(
+        oracle, x, source="mask", vocab_size=oracle.vocab_size, n_times=16, batch_size=1000
+    )
+    assert bound["nats_per_token"] == pytest.approx(_nll_per_token(law, x), rel=0.03)
+    assert bound["per_time"].shape == (16,) and bound["times"][0] == pytest.approx(1 / 32)
+
+
+def test_elbo_with_a_uniform_source_is_a_strict_upper_bound(law):
+    # A uniform-source token that jumped may only have jumped to its target: the conditional
+    # paths' mixture is not Markov, so even the exact model's bound exceeds the NLL.
+    x = _draw(law, 3000)
+    oracle = ExactPosterior(law, "uniform")
+    bound = elbo(oracle, x, source="uniform", vocab_size=3, n_times=16, batch_size=1000)
+    nll = _nll_per_token(law, x)
+    assert bound["nats_per_token"] > nll + 0.1
+    assert bound["perplexity_bound"] == pytest.approx(torch.tensor(bound["nats_per_token"]).exp())
+
+
+@pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_elbo_grows_as_the_model_gets_worse(law, source):
+    x = _draw(law, 1000)
+    oracle = ExactPosterior(law, source)
+
+    def blurred(eps):
+        # The exact posterior mixed with the uniform law over the real tokens.
+        def model(x_t, t, h):
+            p = oracle(x_t, t, h).double().exp()
+            p[..., :3] = (1 - eps) * p[..., :3] + eps / 3
+            return p.log().float()
+
+        return model
+
+    bounds = [
+        elbo(
+            blurred(e), x, source=source, vocab_size=oracle.vocab_size, n_times=8, batch_size=1000
+        )["nats_per_token"]
+        for e in (0.0, 0.3, 0.8)
+    ]
+    assert bounds[0] < bounds[1] < bounds[2]
+
+
+def test_elbo_of_fsdfm_models_is_reproducible_and_takes_students():
+    torch.manual_seed(0)
+    config = fsdfm.ModelConfig(
+        vocab_size=16, dim=64, n_blocks=1, n_heads=1, cond_dim=16, seq_len=6, dropout=0.0
+    )
+    x = torch.randint(0, 16, (5, 6))
+    for step_conditioned in (False, True):
+        model = fsdfm.FSDFMTransformer(config.replace(step_conditioned=step_conditioned)).eval()
+        first = elbo(model, x, n_times=4, batch_size=2, seed=3)
+        again = elbo(model, x, n_times=4, batch_size=2, seed=3)
+        assert first["nats_per_token"] == again["nats_per_token"] > 0
+        assert torch.isfinite(first["per_time"]).all()
+    with pytest.raises(ValueError, match="vocab_size"):
+        elbo(lambda x_t, t, h: torch.zeros(*x_t.shape, 4), x)
+
+
+def _stub(V=5):
+    """A model that always predicts the same independent law over V tokens."""
+    logits = torch.log(torch.arange(1, V + 1, dtype=torch.float32))
+
+    def model(x_t, t, h):
+        return logits.expand(*x_t.shape, V).clone()
+
+    return model
+
+
+def test_sweep_rows_and_result_files(tmp_path):
+    rows = sweep(
+        {"a": _stub(), "b": _stub()},
+        steps=(1, 2),
+        solvers={"a": ("cumulative", "dfm"), "b": ("cumulative",)},
+        n_samples=10,
+        batch_size=4,
+        metric_fns={
+            "mean_id": lambda x: float(x.double().mean()),
+            "pair": lambda x: {"p1": 1.0, "p2": 2.0},
+        },
+        sample_kwargs={"seq_len": 4},
+        progress=False,
+    )
+    assert [(r["model"], r["solver"], r["steps"]) for r in rows] == [
+        ("a", "cumulative", 1),
+        ("a", "cumulative", 2),
+        ("a", "dfm", 1),
+        ("a", "dfm", 2),
+        ("b", "cumulative", 1),
+        ("b", "cumulative", 2),
+    ]
+    for r in rows:
+        assert r["nfe"] == r["steps"] and r["n"] == 10 and r["p2"] == 2.0
+        assert 0 <= r["mean_id"] < 5 and 0 < r["entropy"] <= 2 and r["seconds"] >= 0
+    paths = write_results(rows, tmp_path / "out", quality="mean_id", title="stub", note="a note")
+    assert json.loads(paths["json"].read_text()) == rows
+    md = paths["md"].read_text()
+    header = "| model | solver | steps | nfe | n | mean_id | p1 | p2 | entropy | seconds |"
+    assert header in md and "a note" in md and md.count("\n| a |") == 4
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="quality"):
+        write_results(rows, tmp_path / "bad", quality="missing")
+    with pytest.raises(ValueError, match="solvers"):
+        sweep({"a": _stub()}, steps=(1,), solvers=("leapfrog",), progress=False)
+
+
+def test_same_seed_same_rows():
+    kwargs = dict(
+        steps=(2,),
+        solvers=("cumulative",),
+        n_samples=6,
+        batch_size=3,
+        metric_fns={"s": lambda x: float(x.sum())},
+        sample_kwargs={"seq_len": 3},
+        progress=False,
+        seed=4,
+    )
+    first, second = sweep({"a": _stub()}, **kwargs), sweep({"a": _stub()}, **kwargs)
+    assert first[0]["s"] == second[0]["s"] and first[0]["entropy"] == second[0]["entropy"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    config = fsdfm.ModelConfig(
+        vocab_size=32, dim=64, n_blocks=1, n_heads=1, cond_dim=16, seq_len=8, dropout=0.0
+    )
+    torch.manual_seed(0)
+    model = fsdfm.FSDFMTransformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return fsdfm.save(model, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_eval_cli_without_a_scorer(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--model",
+        f"tiny={tiny_model_dir}",
+        "--steps",
+        "1,2",
+        "--solvers",
+        "cumulative,dfm",
+        "-n",
+        "4",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "| tiny | cumulative | 1 | 1 | 4 |" in captured.out
+    assert "entropy only" in captured.err
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 4 and set(rows[0]) == {
+        "model",
+        "solver",
+        "steps",
+        "nfe",
+        "n",
+        "entropy",
+        "seconds",
+    }
+    assert (out / "results.png").stat().st_size > 0 and "entropy only" in (
+        out / "results.md"
+    ).read_text()
+
+
+def test_eval_cli_with_a_scorer(tiny_model_dir, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    scorer = tmp_path / "scorer"
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(scorer)
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--solvers",
+        "cumulative",
+        "-n",
+        "4",
+        "--batch-size",
+        "4",
+        "--scorer",
+        str(scorer),
+        "--length",
+        "6",
+        "--out",
+        str(tmp_path / "eval"),
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    row = json.loads((tmp_path / "eval" / "results.json").read_text())[0]
+    assert row["model"] == "model" and row["gen_ppl"] > 1 and row["gen_ppl_corpus"] > 1
+    assert "gen_ppl" in capsys.readouterr().out
+
+
+def test_eval_cli_user_errors(tiny_model_dir, tmp_path, capsys):
+    assert main(["eval", "--model", "=x", "--out", str(tmp_path)]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert (
+        main(["eval", "--model", f"a={tiny_model_dir}", "--solvers", "rk9", "--out", str(tmp_path)])
+        == 2
+    )
+    assert "--solvers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "a=b", "--steps", "0,2"])
+
+
+def test_checkerboard_law_and_scores():
+    law = checkerboard_law(32, squares=4)  # squares of 8 x 8 cells
+    assert law.sum() == pytest.approx(1.0) and (law > 0).sum() == 32 * 32 // 2
+    assert law[0, 0] > 0 and law[0, 8] == 0 and law[8, 8] > 0 and law[31, 0] == 0
+    assert torch.allclose(law.sum(0), torch.full((32,), 1 / 32, dtype=torch.float64))
+    assert torch.allclose(law.sum(1), torch.full((32,), 1 / 32, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        checkerboard_law(30, squares=4)
+
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    cells = torch.multinomial(law.flatten(), n, replacement=True, generator=g)
+    exact = checkerboard_scores(torch.stack([cells // 32, cells % 32], 1), law, block=8)
+    assert exact["black"] == 1.0
+    assert exact["tv"] == pytest.approx(exact["tv_floor"], rel=0.1)
+    assert exact["tv_block"] < 0.05 and exact["tv_block_floor"] < 0.05
+    noise = checkerboard_scores(torch.randint(0, 32, (n, 2), generator=g), law, block=8)
+    assert noise["black"] == pytest.approx(0.5, abs=0.02)
+    assert noise["tv_block"] == pytest.approx(0.5, abs=0.03)  # half the mass on white blocks
+    assert tv_noise_floor(law, 100) > tv_noise_floor(law, 10000)
+
+
+def test_markov_chain_law():
+    chain = MarkovChain(6, 10, concentration=0.5, seed=1)
+    assert torch.allclose(chain.table.sum(-1), torch.ones(6, 6, dtype=torch.float64))
+    x = chain.sample(4000, torch.Generator().manual_seed(0))
+    assert x.shape == (4000, 10) and x.min() >= 0 and x.max() < 6
+    lp = chain.log_prob(x)
+    # The NLL of the chain's own samples: 2 uniform tokens, then about the entropy rate each.
+    per_token = float(-lp.mean()) / 10
+    expected = (2 * torch.log(torch.tensor(6.0)).item() + 8 * chain.entropy_rate) / 10
+    assert per_token == pytest.approx(expected, rel=0.05)
+    assert torch.equal(MarkovChain(6, 10, concentration=0.5, seed=1).table, chain.table)
