@@ -385,6 +385,12 @@ def _bpe_file(name: str | None) -> Path | None:
     return file
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write ``model`` to ``directory`` (created if needed): ``model.safetensors`` (the exact
     tensors, in their dtypes) and ``config.json`` (the config, ``tokenizer`` and the format
@@ -430,6 +436,9 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
             fsync_path(tmp_tokenizer)
             os.replace(tmp_tokenizer, directory / TOKENIZER_FILE)
         save_file(tensors, str(tmp_weights), metadata=metadata)
+        # safetensors creates its file private (0600); a saved model is as readable as any
+        # file the user writes (0666 less the umask), e.g. when installed for other users.
+        os.chmod(tmp_weights, 0o666 & ~_umask())
         fsync_path(tmp_weights)
         with open(tmp_config, "w") as f:
             json.dump(document, f, indent=2)

@@ -2,11 +2,13 @@
 
     fsdfm sample [PROMPT] [--model default|PATH] [--steps 8] [--length N] [-n N] [--watch] ...
     fsdfm convert IN.pth OUT_DIR [--weights ema|student|teacher|model] [--dtype bf16]
-    fsdfm demo                      one fused FS-DFM step at GPT-2 scale, native vs reference
+    fsdfm bench [--model default|PATH] [--steps 8] [-n 1]   kernels and generation, native vs ref
     fsdfm pretrain --data PATH --out DIR [--preset tiny] [--config FILE.yaml] ...
     fsdfm distill --teacher DIR --data PATH --out DIR [--teacher-type rk4|heun] ...
     fsdfm eval --model NAME=PATH [--model ...] [--steps 1,2,4,8] [--scorer gpt2-large] ...
 
+Without a subcommand it runs ``fsdfm sample`` (``--watch`` on a terminal): the bundled model
+writes a text in 8 steps.
 User mistakes (a missing file, a bad flag value) end with one line on stderr and exit status 2.
 """
 
@@ -103,31 +105,61 @@ def _convert(args) -> None:
     print(f"wrote {out}", file=sys.stderr)
 
 
-def _demo(args) -> None:
-    from fsdfm.ops import jump_step, jump_step_ref, native_available
-    from fsdfm.path import PolynomialSchedule
+def _bench(args) -> None:
+    import fsdfm
+    from fsdfm import ops
+    from fsdfm.checkpoint import load
 
-    device = "cuda" if native_available("cuda") and torch.cuda.is_available() else "cpu"
-    B, L, V = 2, 256, 50257
-    g = torch.Generator(device).manual_seed(0)
+    device = _device(args.device)
+    if not ops.native_available(device):
+        raise ValueError(
+            f"the native kernels for {device} are not built (pip install --no-build-isolation -e .)"
+        )
+    model = load(args.model, weights=args.weights, device=device).eval()
+    B, L, V = args.n, args.length or model.config.seq_len, model.config.vocab_size
+    if L > model.config.seq_len:
+        raise ValueError(f"--length must be at most the model's {model.config.seq_len}, got {L}")
+    g = torch.Generator(device).manual_seed(args.seed)
     logits = torch.randn(B, L, V, device=device, generator=g) * 3
     x_t = torch.randint(0, V, (B, L), device=device, generator=g)
-    t, h = 0.5, 1 / 8
-    alpha = PolynomialSchedule().cumulative_scalar(t, h)
-    p_t = torch.softmax(logits.double(), -1).gather(-1, x_t[..., None])[..., 0]
-    expected = float((-torch.expm1(-h * alpha * (1 - p_t))).mean())
-    print(f"FS-DFM step on {device}: logits [{B}, {L}, {V}], t = {t}, h = {h}, alpha = {alpha:.4f}")
-    for name, fn in (("native", jump_step), ("reference", jump_step_ref)):
-        fn(logits, x_t, alpha, h, generator=g)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        x_next = fn(logits, x_t, alpha, h, generator=g)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) * 1e3
-        moved = float((x_next != x_t).double().mean())
-        print(f"  {name:<9} {ms:8.1f} ms   jumped {moved:.3f} of positions (law: {expected:.3f})")
+
+    def timed(fn, *fn_args, **fn_kwargs) -> float:
+        """Median seconds of --repeats calls of fn(*fn_args, **fn_kwargs) after a warm-up."""
+        fn(*fn_args, **fn_kwargs)
+        times = []
+        for _ in range(args.repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(*fn_args, **fn_kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    def row(label: str, native: float, reference: float) -> None:
+        ms = f"{native * 1e3:>9.2f} ms{reference * 1e3:>9.2f} ms"
+        print(f"{label:<34}{ms}{reference / native:>7.1f}x")
+
+    # The per-step ops on logits of the model's shape, then whole generations; native and
+    # reference timed back to back in this one process, so their ratio is the figure to quote.
+    probs = torch.softmax(logits, -1)
+    cases = {
+        "probs_to_generator": ((probs, x_t, 2.0), {}),
+        "jump_step": ((logits, x_t, 2.0, 0.125), {"generator": g}),
+        "sample_categorical": ((logits,), {"generator": g}),
+    }
+    print(f"fsdfm bench on {device}: [B, L, V] = [{B}, {L}, {V}], median of {args.repeats}")
+    print(f"{'':<34}{'native':>12}{'reference':>12}{'ratio':>8}")
+    for name, (op_args, op_kwargs) in cases.items():
+        native = timed(getattr(ops, name), *op_args, **op_kwargs)
+        reference = timed(getattr(ops, name + "_ref"), *op_args, **op_kwargs)
+        row(name, native, reference)
+    for steps in args.steps:
+        kwargs = {"batch_size": B, "seq_len": L, "generator": g}
+        native = timed(fsdfm.sample, model, steps, backend="native", **kwargs)
+        reference = timed(fsdfm.sample, model, steps, backend="reference", **kwargs)
+        row(f"sample, {steps} steps ({B * L / native:.0f} tok/s)", native, reference)
 
 
 def _pretrain(args) -> None:
@@ -341,8 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(run=_convert)
 
-    d = sub.add_parser("demo", help="one fused FS-DFM step, native kernel vs reference")
-    d.set_defaults(run=_demo)
+    b = sub.add_parser(
+        "bench",
+        help="time the kernels and whole generations, native vs reference",
+        description="Time the per-step ops (probs_to_generator, jump_step, sample_categorical) "
+        "on logits of the model's shape and whole generations with fsdfm.sample, each with the "
+        "native kernels and with the PyTorch references, side by side. benchmarks/ holds the "
+        "pytest-benchmark suite with bytes moved and GB/s.",
+    )
+    b.add_argument("--model", default="default", help="default (the bundled model) or a model path")
+    _add_weights(b)
+    b.add_argument(
+        "--steps", type=_int_list, default=(8,), help="comma-separated step counts (default 8)"
+    )
+    b.add_argument("-n", type=_positive(int), default=1, help="sequences per batch (default 1)")
+    b.add_argument(
+        "--length", type=_positive(int), default=None, help="tokens (default: the model's)"
+    )
+    b.add_argument("--repeats", type=_positive(int), default=3, help="timed calls (default 3)")
+    b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_device(b)
+    b.set_defaults(run=_bench)
 
     from fsdfm.training import add_arguments
 
@@ -417,14 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo"])
+    if args.command is None:  # the main job: generate with the bundled model
+        args = parser.parse_args(["sample", "--watch"] if sys.stderr.isatty() else ["sample"])
     try:
         args.run(args)
     # User mistakes (bad values, missing or unwritable files, a missing optional package) end
     # in one line; anything else is a bug and keeps its traceback.
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
-        print(f"fsdfm {args.command or 'demo'}: error: {error}", file=sys.stderr)
+        print(f"fsdfm {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

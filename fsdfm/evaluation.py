@@ -9,12 +9,18 @@ with a known answer for the small reproductions of the paper's claim (docs/resul
 - :func:`checkerboard_law`, :func:`checkerboard_scores`: the 2-D checkerboard of the paper's
   figure as a law over V^2 and the scores of samples against it (total variation per cell and per
   block, with the floor that sampling noise alone gives, and the mass on the black squares).
+- :func:`train_scorer`: a small autoregressive GPT-2 (`transformers`) trained on the same tokens
+  as the models it will score, for generative perplexity where no pre-trained scorer of that
+  tokenizer exists (a BPE of the project's own, or no downloads).
+- :class:`ExactPosterior`: the exact denoiser of a small joint law, a model that knows the answer:
+  what any few-step sampler reaches with a perfect teacher (docs/results.md).
 - :class:`MarkovChain`: a random order-2 Markov chain over V symbols, its samples and its exact
   log-probability (for :func:`fsdfm.metrics.exact_nll`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -29,11 +35,13 @@ from fsdfm.solver import sample as fsdfm_sample
 
 __all__ = [
     "STEPS",
+    "ExactPosterior",
     "MarkovChain",
     "checkerboard_law",
     "checkerboard_scores",
     "markdown_table",
     "sweep",
+    "train_scorer",
     "tv_noise_floor",
     "write_results",
 ]
@@ -315,6 +323,70 @@ def checkerboard_scores(
 
 
 # ----------------------------------------------------------------------------------------------
+# Exact denoisers
+
+
+class ExactPosterior:
+    """The exact posterior marginals p_{1|t}(x^i | x_t) of the mixture path (kappa_t = t) for a
+    small joint law q over V^L: a callable ``model(x_t, t, h) -> logits [B, L, V(+1)]`` that
+    ignores h. Sampling it with any solver shows what that solver reaches with a perfect teacher.
+
+    q: target probabilities [V] * L (a tensor of L dimensions of size V). With ``source="mask"``
+    the vocabulary gains the mask token (id V), whose logit is -inf. ``clean``: positions known to
+    hold data (a prompt), observed exactly rather than through the path. ``calls`` counts calls.
+    """
+
+    def __init__(self, q: torch.Tensor, source: str = "uniform", clean: tuple[int, ...] = ()):
+        self.q = q.double() / q.double().sum()
+        self.clean = torch.zeros(q.dim(), dtype=torch.bool)
+        self.clean[list(clean)] = True
+        self.L, self.V = q.dim(), q.shape[0]
+        self.source = source
+        self.states = torch.tensor(list(itertools.product(range(self.V), repeat=self.L)))
+        self.calls = 0
+
+    def to(self, device) -> ExactPosterior:
+        """Move the tables, so that the oracle runs (and can be captured) on a GPU."""
+        self.q, self.states, self.clean = (v.to(device) for v in (self.q, self.states, self.clean))
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.V + 1 if self.source == "mask" else self.V
+
+    def __call__(self, x_t, t, h):
+        self.calls += 1
+        kappa = t.double()[:, None, None]  # kappa_t = t
+        match = x_t[:, None, :] == self.states[None]  # [B, S, L]
+        if self.source == "uniform":
+            factor = torch.where(match, kappa + (1 - kappa) / self.V, (1 - kappa) / self.V)
+        else:
+            masked = (x_t == self.V)[:, None, :]
+            factor = torch.where(match, kappa, torch.where(masked, 1 - kappa, 0.0))
+        factor = torch.where(self.clean, match.double(), factor)
+        post = factor.prod(-1) * self.q.flatten()[None]  # [B, S]
+        post = post / post.sum(-1, keepdim=True)
+        onehot = torch.nn.functional.one_hot(self.states, self.V).double()  # [S, L, V]
+        marginals = torch.einsum("bs,slv->blv", post, onehot)
+        if self.source == "mask":
+            marginals = torch.cat([marginals, torch.zeros_like(marginals[..., :1])], -1)
+        return torch.log(marginals).float()
+
+    def joint_index(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat index of each sequence x [B, L] in q.flatten()."""
+        weights = self.V ** torch.arange(self.L - 1, -1, -1, device=x.device)
+        return (x * weights).sum(-1)
+
+    def product_of_marginals(self) -> torch.Tensor:
+        out = torch.ones(())
+        for i in range(self.L):
+            dims = [d for d in range(self.L) if d != i]
+            m = self.q.sum(dims) if dims else self.q
+            out = out[..., None] * m
+        return out.flatten()
+
+
+# ----------------------------------------------------------------------------------------------
 # An order-2 Markov chain
 
 
@@ -358,3 +430,108 @@ class MarkovChain:
         first = -2 * math.log(V)
         steps = self.log_table[tokens[:, :-2], tokens[:, 1:-1], tokens[:, 2:]]
         return first + steps.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A scorer of our own
+
+
+def train_scorer(
+    data: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | None = None,
+    seq_len: int = 256,
+    dim: int = 256,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    steps: int = 2000,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a causal GPT-2 (``transformers.GPT2LMHeadModel``) on a token stream and save it to
+    ``out`` with ``save_pretrained``, so that ``generative_perplexity(tokens, out)`` and
+    ``fsdfm eval --scorer out`` can use it.
+
+    data: text or a token file, as ``fsdfm pretrain --data`` takes it (a token file written by
+        pre-training reuses its tokens, so the scorer sees exactly the models' data).
+    Blocks of ``seq_len`` tokens are split as in pre-training (the last ``val_fraction`` held
+    out); AdamW (0.9, 0.95), weight decay 0.1, 5% warm-up then cosine to 10%, grad clip 1.
+    Returns {"val_loss": held-out mean NLL per token (nats), "steps", "tokens", "parameters"}.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fsdfm.data import Blocks, BlockSampler, prepare_tokens
+
+    out = Path(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stream = prepare_tokens(data, tokenizer, out / "data", progress=progress)
+    blocks = Blocks(stream, seq_len, val_fraction)
+    if blocks.n_val == 0:
+        raise ValueError(f"{data} is too short to hold out a block of {seq_len} tokens")
+    from fsdfm.tokenizer import get_tokenizer
+
+    eos = get_tokenizer(stream.tokenizer).eos_id
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=stream.vocab_size,
+        n_positions=seq_len,
+        n_embd=dim,
+        n_layer=n_layers,
+        n_head=n_heads,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+    model = GPT2LMHeadModel(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+    sampler = BlockSampler(blocks.n_train, batch_size, seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="scorer", unit="step")
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        ids = blocks.get(sampler.next_batch(), device)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        val = list(blocks.val_indices())
+        for start in range(0, len(val), batch_size):
+            ids = blocks.get(val[start : start + batch_size], device)
+            n = ids.numel() - ids.shape[0]  # every token but each block's first is predicted
+            total += float(model(input_ids=ids, labels=ids).loss) * n
+            count += n
+    model.save_pretrained(out)
+    result = {
+        "val_loss": total / count,
+        "steps": steps,
+        "tokens": steps * batch_size * seq_len,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    (out / "scorer.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -3,6 +3,8 @@
     python scripts/reproduce.py checkerboard --source uniform   # 2-D checkerboard, V = 128, L = 2
     python scripts/reproduce.py checkerboard --source mask
     python scripts/reproduce.py markov                          # order-2 Markov chain, L = 128
+    python scripts/reproduce.py oracle --source uniform  # the checkerboard's exact denoiser
+    python scripts/reproduce.py text --run runs/default --threads 2  # the bundled model, real text
     python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
 
 Each problem: write the training set as a token file, pre-train a DFM teacher and distil an
@@ -13,6 +15,15 @@ samples against the known law. Everything lands in ``--out`` (default ``runs/PRO
 ``--figures`` (default ``docs/figures/``). Re-running resumes the training runs (or skips them
 when finished); ``--student-dir NAME`` distils another student from the same teacher
 (``eval-NAME/``).
+
+``oracle`` samples the checkerboard with its exact denoiser (:class:`ExactPosterior`, no training):
+what each solver reaches with a perfect teacher, the ceiling of any sampler that draws the
+positions of a step independently (a DFM teacher's and an FS-DFM student's alike).
+
+``text`` evaluates the teacher and student of ``scripts/train_default.sh`` (its WORK directory,
+``--run``) on real text: generative perplexity under an autoregressive GPT-2 that it first trains
+on the same tokens (:func:`fsdfm.evaluation.train_scorer`; nothing pre-trained is available
+offline), unigram entropy, and the ELBO of both models on held-out blocks.
 
 The problems' symbols have no text: a token file must name a tokenizer whose vocabulary is V, so
 each run writes a word-level ``tokenizer.json`` of V symbols (``s0`` ... ; the last one is named
@@ -37,13 +48,15 @@ sys.path.insert(0, str(ROOT))
 from fsdfm.checkpoint import load  # noqa: E402
 from fsdfm.data import write_token_file  # noqa: E402
 from fsdfm.evaluation import (  # noqa: E402
+    ExactPosterior,
     MarkovChain,
     checkerboard_law,
     checkerboard_scores,
     sweep,
+    train_scorer,
     write_results,
 )
-from fsdfm.metrics import elbo, exact_nll  # noqa: E402
+from fsdfm.metrics import elbo, exact_nll, generative_perplexity, unigram_entropy  # noqa: E402
 from fsdfm.model import PRESETS, ModelConfig  # noqa: E402
 from fsdfm.training import TrainConfig, train  # noqa: E402
 
@@ -151,16 +164,19 @@ def evaluate(models, args, metric_fns, on_samples=None) -> list[dict]:
     return rows
 
 
-def likelihood_bounds(models, held_out: torch.Tensor, true_nll: float) -> str:
+def likelihood_bounds(
+    models, held_out: torch.Tensor, true_nll: float | None = None, batch_size: int = 1000
+) -> str:
     """The DFM bound (nats per token) of teacher and student (at h = 1/1024) on held-out data,
     as a sentence for the results note."""
     parts = []
     for name, model in models.items():
-        bound = elbo(model, held_out, n_times=32, batch_size=1000)["nats_per_token"]
+        bound = elbo(model, held_out, n_times=32, batch_size=batch_size)["nats_per_token"]
         parts.append(f"{name} {bound:.3f}")
+    truth = "" if true_nll is None else f"; the law's own NLL is {true_nll:.3f}"
     return (
         f"ELBO on {len(held_out)} held-out sequences (nats/token, 32 times): "
-        f"{', '.join(parts)}; the law's own NLL is {true_nll:.3f}."
+        f"{', '.join(parts)}{truth}."
     )
 
 
@@ -249,6 +265,33 @@ def checkerboard(args) -> None:
     print(paths["md"].read_text())
 
 
+def oracle(args) -> None:
+    V = 128
+    law = checkerboard_law(V, squares=8)
+    model = ExactPosterior(law, source=args.source)
+    rows = sweep(
+        {"exact": model},
+        steps=args.steps,
+        solvers=("cumulative", "dfm"),
+        n_samples=args.samples,
+        batch_size=args.eval_batch,
+        metric_fns={"board": lambda x: checkerboard_scores(x, law)},
+        seed=args.seed,
+        sample_kwargs={"seq_len": 2, "source": args.source, "vocab_size": model.vocab_size},
+    )
+    out = Path(args.out or ROOT / "runs" / f"checkerboard-oracle-{args.source}")
+    paths = write_results(
+        rows,
+        out,
+        quality="black",
+        lower_is_better=False,
+        title=f"checkerboard, exact denoiser, {args.source} source",
+        note="The exact posterior marginals of the checkerboard law (no training): what each "
+        "solver reaches with a perfect teacher. Columns as in the trained models' table.",
+    )
+    print(paths["md"].read_text())
+
+
 def markov(args) -> None:
     V, L = args.vocab, 128
     out = Path(args.out or ROOT / "runs" / f"markov-{args.source}")
@@ -280,6 +323,64 @@ def markov(args) -> None:
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copy(paths["png"], figures / f"markov-{args.source}.png")
+    print(paths["md"].read_text())
+
+
+def text(args) -> None:
+    from fsdfm.data import Blocks, prepare_tokens
+
+    run = Path(args.run)
+    tokens = sorted((run / "teacher" / "data").glob("*.bin"))
+    if not tokens:
+        raise SystemExit(f"no token file under {run}/teacher/data: run scripts/train_default.sh")
+    scorer_dir = run / "scorer"
+    if not (scorer_dir / "scorer.json").exists():
+        train_scorer(tokens[0], scorer_dir, steps=args.scorer_steps, batch_size=16, seq_len=256)
+    scorer_info = json.loads((scorer_dir / "scorer.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    scorer = AutoModelForCausalLM.from_pretrained(scorer_dir).eval()
+    models = {
+        "teacher": load(run / "teacher" / "model_ema").eval(),
+        "student": load(run / args.student_dir / "model_ema").eval(),
+    }
+    seq_len = models["student"].config.seq_len
+    blocks = Blocks(prepare_tokens(tokens[0], None, run), seq_len, 0.01)
+    held_out = blocks.get(list(blocks.val_indices())[: args.samples])
+
+    def gen_ppl(x):
+        result = generative_perplexity(x, scorer, batch_size=args.eval_batch, device="cpu")
+        return {"gen_ppl": result["mean"], "gen_ppl_corpus": result["corpus"]}
+
+    rows = evaluate(models, args, {"gen_ppl": gen_ppl})
+    data = gen_ppl(held_out)
+    teacher_val = [
+        json.loads(line)
+        for line in (run / "teacher" / "metrics.jsonl").read_text().splitlines()
+        if "val_loss_ema" in line
+    ][-1]
+    note = (
+        f"The bundled model's teacher and student (scripts/train_default.sh), {args.samples} "
+        f"samples of {seq_len} tokens per setting ({args.samples_long} at {args.long_steps} "
+        f"steps). gen_ppl: generative perplexity (mean over samples; gen_ppl_corpus pools the "
+        f"tokens) under a {scorer_info['parameters'] / 1e6:.1f}M-parameter GPT-2 trained on the "
+        f"same tokens for {scorer_info['steps']} steps (held-out loss "
+        f"{scorer_info['val_loss']:.3f} nats/token); held-out real text scores "
+        f"{data['gen_ppl']:.1f} ({data['gen_ppl_corpus']:.1f} pooled) with entropy "
+        f"{float(unigram_entropy(held_out).mean()):.2f} bits. The teacher's pre-training "
+        f"held-out loss (EMA, step {teacher_val['step']}): {teacher_val['val_loss_ema']:.3f}. "
+        + likelihood_bounds(models, held_out, batch_size=args.eval_batch)
+    )
+    paths = write_results(
+        rows,
+        run / f"eval-{args.student_dir}",
+        quality="gen_ppl",
+        note=note,
+        title="the bundled model on real text",
+    )
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(paths["png"], figures / "default-text.png")
     print(paths["md"].read_text())
 
 
@@ -371,13 +472,42 @@ def main(argv=None) -> None:
             p.add_argument("--vocab", type=int, default=256)
             p.add_argument("--concentration", type=float, default=0.1)
             p.add_argument("--train-seqs", type=int, default=20000)
+    o = sub.add_parser("oracle", help="the checkerboard sampled with its exact denoiser")
+    o.add_argument("--source", choices=["uniform", "mask"], default="uniform")
+    o.add_argument("--out", default=None)
+    o.add_argument("--steps", type=_steps, default=(1, 2, 4, 8, 16))
+    o.add_argument("--samples", type=int, default=8000)
+    o.add_argument("--eval-batch", type=int, default=1000)
+    o.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("text", help="the bundled model's teacher and student on real text")
+    t.add_argument("--run", default=str(ROOT / "runs" / "default"), help="train_default's WORK")
+    t.add_argument("--student-dir", default="student")
+    t.add_argument("--scorer-steps", type=int, default=600)
+    t.add_argument("--steps", type=_steps, default=(1, 2, 4, 8))
+    t.add_argument("--long-steps", type=int, default=1024)
+    t.add_argument("--samples", type=int, default=16)
+    t.add_argument("--samples-long", type=int, default=16)
+    t.add_argument("--eval-batch", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--figures", default=str(FIGURES), help="where the plot is copied")
     r = sub.add_parser("replot", help="rewrite the tables and plots of a run from its JSON")
     r.add_argument("run", help="a run directory, e.g. runs/checkerboard-uniform")
     r.add_argument("--figures", default=str(FIGURES), help="where the plots are copied")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: other jobs share the cores)"
+    )
     args = parser.parse_args(argv)
-    # One thread: the 2 cores are shared, and oversubscribed OpenMP threads run 10x slower.
-    torch.set_num_threads(1)
-    {"checkerboard": checkerboard, "markov": markov, "replot": replot}[args.problem](args)
+    # One thread by default: the 2 cores are shared, and oversubscribed OpenMP threads run
+    # 10x slower. --threads 2 for a run that has the machine to itself.
+    torch.set_num_threads(args.threads)
+    problems = {
+        "checkerboard": checkerboard,
+        "markov": markov,
+        "oracle": oracle,
+        "text": text,
+        "replot": replot,
+    }
+    problems[args.problem](args)
 
 
 if __name__ == "__main__":

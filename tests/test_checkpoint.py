@@ -350,6 +350,18 @@ def test_bf16_round_trip(tmp_path):
     assert back.tokenizer_name is None
 
 
+def test_saved_files_follow_the_umask(tmp_path):
+    # safetensors creates files 0600; a saved model (e.g. the bundled one, installed for other
+    # users) must be readable like any file the user writes.
+    old = os.umask(0o022)
+    try:
+        save(FSDFMTransformer(ModelConfig(**SMALL)), tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_save_unwraps_compiled_models(tmp_path):
     model = FSDFMTransformer(ModelConfig(**SMALL))
     wrapped = torch.compile(model, backend="eager")

@@ -75,16 +75,29 @@ def test_watch_shows_every_step(released, tmp_path, capsys):
     assert "12 tokens changed" in err, "the first frame marks every token"
 
 
-def test_default_model(capsys):
-    """--model defaults to the bundled model; where it is absent, one line says so."""
-    from fsdfm.checkpoint import DEFAULT_MODEL
+def test_main_job_is_the_bundled_model(capsys, monkeypatch):
+    """`fsdfm` alone generates with the bundled model (--model's default); where the model is
+    absent, one line says so."""
+    import fsdfm.checkpoint
 
-    if (DEFAULT_MODEL / "config.json").is_file():
-        assert main(["sample", "--steps", "2", "--length", "16"]) == 0
-        assert capsys.readouterr().out.strip()
-    else:
-        assert main(["sample", "--steps", "2"]) == 2
-        assert "bundled default model is not in this installation" in capsys.readouterr().err
+    assert main([]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "256 tokens in 8 steps" in out.err
+    monkeypatch.setattr(fsdfm.checkpoint, "DEFAULT_MODEL", fsdfm.checkpoint.DEFAULT_MODEL / "x")
+    assert main(["sample", "--steps", "2"]) == 2
+    assert "bundled default model is not in this installation" in capsys.readouterr().err
+
+
+def test_bench(released, capsys):
+    argv = ["bench", "--model", str(released), "--weights", "ema", "--length", "16"]
+    assert main([*argv, "--steps", "1,2", "--repeats", "1", "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[B, L, V] = [2, 16, 256]" in out
+    for label in ("probs_to_generator", "jump_step", "sample_categorical", "1 steps", "2 steps"):
+        (line,) = [line for line in out.splitlines() if line.startswith(label) or label in line]
+        assert line.count(" ms") == 2 and line.endswith("x"), line
+    assert main([*argv, "--length", "5000"]) == 2
+    assert "--length must be at most" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line(released, tmp_path, capsys):
