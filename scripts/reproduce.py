@@ -4,7 +4,7 @@
     python scripts/reproduce.py checkerboard --source mask
     python scripts/reproduce.py markov                          # order-2 Markov chain, L = 128
     python scripts/reproduce.py oracle --source uniform  # the checkerboard's exact denoiser
-    python scripts/reproduce.py text --run runs/default --threads 2  # the bundled model, real text
+    python scripts/reproduce.py --threads 2 text --run runs/default  # the bundled model, real text
     python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
 
 Each problem: write the training set as a token file, pre-train a DFM teacher and distil an

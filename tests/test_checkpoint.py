@@ -463,3 +463,22 @@ def test_bpe_tokenizer_travels_with_the_model(tmp_path):
     (moved / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer file 'tokenizer.json' is missing"):
         fsdfm.load(moved)
+
+
+def test_bundled_default_model():
+    """The shipped model: safetensors under 40 MB, stored in bf16, its BPE beside it; loaded on
+    the CPU in fp32 (CPU bf16 matmuls are slow) unless a dtype is asked for."""
+    from fsdfm.checkpoint import DEFAULT_MODEL
+    from fsdfm.tokenizer import get_tokenizer
+
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir())
+    assert size < 40 * 2**20, size
+    stored, config = read_state_dict("default")
+    assert stored["vocab_embed.weight"].dtype == torch.bfloat16
+    assert config.step_conditioned and config.source == "uniform"
+    model = load("default")
+    assert model.vocab_embed.weight.dtype == torch.float32
+    assert torch.equal(model.vocab_embed.weight, stored["vocab_embed.weight"].float())
+    assert load("default", dtype=torch.bfloat16).vocab_embed.weight.dtype == torch.bfloat16
+    tokenizer = get_tokenizer(model.tokenizer_name)
+    assert tokenizer.vocab_size == config.vocab_size == 8192
