@@ -211,9 +211,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _eval(args) -> None:
     from fsdfm.checkpoint import load
-    from fsdfm.evaluation import markdown_table, sweep, write_results
-    from fsdfm.metrics import generative_perplexity
-    from fsdfm.solver import SOLVERS
+    from fsdfm.evaluation import gen_ppl_metric, markdown_table, sweep, write_results
 
     solvers = tuple(args.solvers.split(","))
     bad = [s for s in solvers if s not in SOLVERS]
@@ -229,17 +227,9 @@ def _eval(args) -> None:
             raise ValueError(f"--length {args.length} exceeds {name}'s seq_len")
     metric_fns = {}
     if args.scorer:
-        from transformers import AutoModelForCausalLM
-
-        scorer = AutoModelForCausalLM.from_pretrained(args.scorer).to(device).eval()
-
-        def gen_ppl(tokens):
-            result = generative_perplexity(
-                tokens, scorer, batch_size=args.batch_size, device=device
-            )
-            return {"gen_ppl": result["mean"], "gen_ppl_corpus": result["corpus"]}
-
-        metric_fns["gen_ppl"] = gen_ppl
+        metric_fns["gen_ppl"] = gen_ppl_metric(
+            args.scorer, batch_size=args.batch_size, device=device
+        )
     else:
         print(f"fsdfm eval: note: {NO_SCORER_NOTE}", file=sys.stderr)
     rows = sweep(

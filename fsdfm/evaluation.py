@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fsdfm.metrics import total_variation, unigram_entropy
+from fsdfm.metrics import generative_perplexity, load_scorer, total_variation, unigram_entropy
 from fsdfm.solver import SOLVERS, model_device
 from fsdfm.solver import sample as fsdfm_sample
 
@@ -39,6 +39,7 @@ __all__ = [
     "MarkovChain",
     "checkerboard_law",
     "checkerboard_scores",
+    "gen_ppl_metric",
     "markdown_table",
     "sweep",
     "train_scorer",
@@ -436,6 +437,20 @@ class MarkovChain:
 # A scorer of our own
 
 
+def gen_ppl_metric(scorer, *, batch_size: int = 16, device=None) -> Callable:
+    """A :func:`sweep` metric: tokens [n, L] -> {"gen_ppl": the mean over samples of
+    generative perplexity under ``scorer``, "gen_ppl_corpus": the pooled one}; ``scorer`` as
+    :func:`fsdfm.metrics.generative_perplexity` takes it, loaded here once if a name."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scorer = load_scorer(scorer, device)
+
+    def metric(tokens: torch.Tensor) -> dict[str, float]:
+        result = generative_perplexity(tokens, scorer, batch_size=batch_size, device=device)
+        return {"gen_ppl": result["mean"], "gen_ppl_corpus": result["corpus"]}
+
+    return metric
+
+
 def train_scorer(
     data: str | Path,
     out: str | Path,
@@ -466,6 +481,7 @@ def train_scorer(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from fsdfm.data import Blocks, BlockSampler, prepare_tokens
+    from fsdfm.training import learning_rate
 
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -489,13 +505,6 @@ def train_scorer(
     model = GPT2LMHeadModel(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
-
     sampler = BlockSampler(blocks.n_train, batch_size, seed)
     bar = None
     if progress:
@@ -505,7 +514,7 @@ def train_scorer(
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = learning_rate(step, lr=lr, steps=steps, warmup=warmup)
         ids = blocks.get(sampler.next_batch(), device)
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad(set_to_none=True)

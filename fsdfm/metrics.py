@@ -38,7 +38,9 @@ def unigram_entropy(tokens: torch.Tensor) -> torch.Tensor:
     return -(torch.where(f > 0, f * torch.log2(f), 0.0)).sum(1).cpu()
 
 
-def _load_lm(lm, device):
+def load_scorer(lm, device):
+    """A causal LM for scoring: ``lm`` itself or ``from_pretrained(lm)`` for a name or path,
+    on ``device`` in eval mode."""
     if isinstance(lm, str):
         from transformers import AutoModelForCausalLM
 
@@ -68,7 +70,7 @@ def generative_perplexity(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lm = _load_lm(lm, device)
+    lm = load_scorer(lm, device)
     vocab = getattr(getattr(lm, "config", None), "vocab_size", None)
     if vocab is not None and int(tokens.max()) >= vocab:
         raise ValueError(

@@ -52,11 +52,12 @@ from fsdfm.evaluation import (  # noqa: E402
     MarkovChain,
     checkerboard_law,
     checkerboard_scores,
+    gen_ppl_metric,
     sweep,
     train_scorer,
     write_results,
 )
-from fsdfm.metrics import elbo, exact_nll, generative_perplexity, unigram_entropy  # noqa: E402
+from fsdfm.metrics import elbo, exact_nll, unigram_entropy  # noqa: E402
 from fsdfm.model import PRESETS, ModelConfig  # noqa: E402
 from fsdfm.training import TrainConfig, train  # noqa: E402
 
@@ -337,9 +338,7 @@ def text(args) -> None:
     if not (scorer_dir / "scorer.json").exists():
         train_scorer(tokens[0], scorer_dir, steps=args.scorer_steps, batch_size=16, seq_len=256)
     scorer_info = json.loads((scorer_dir / "scorer.json").read_text())
-    from transformers import AutoModelForCausalLM
-
-    scorer = AutoModelForCausalLM.from_pretrained(scorer_dir).eval()
+    gen_ppl = gen_ppl_metric(str(scorer_dir), batch_size=args.eval_batch, device="cpu")
     models = {
         "teacher": load(run / "teacher" / "model_ema").eval(),
         "student": load(run / args.student_dir / "model_ema").eval(),
@@ -347,10 +346,6 @@ def text(args) -> None:
     seq_len = models["student"].config.seq_len
     blocks = Blocks(prepare_tokens(tokens[0], None, run), seq_len, 0.01)
     held_out = blocks.get(list(blocks.val_indices())[: args.samples])
-
-    def gen_ppl(x):
-        result = generative_perplexity(x, scorer, batch_size=args.eval_batch, device="cpu")
-        return {"gen_ppl": result["mean"], "gen_ppl_corpus": result["corpus"]}
 
     rows = evaluate(models, args, {"gen_ppl": gen_ppl})
     data = gen_ppl(held_out)
