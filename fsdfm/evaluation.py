@@ -14,8 +14,8 @@ with a known answer for the small reproductions of the paper's claim (docs/resul
   tokenizer exists (a BPE of the project's own, or no downloads).
 - :class:`ExactPosterior`: the exact denoiser of a small joint law, a model that knows the answer:
   what any few-step sampler reaches with a perfect teacher (docs/results.md).
-- :class:`MarkovChain`: a random order-2 Markov chain over V symbols, its samples and its exact
-  log-probability (for :func:`fsdfm.metrics.exact_nll`).
+- :class:`MarkovChain`: a random Markov chain of order 1 or 2 over V symbols, its samples and its
+  exact log-probability (for :func:`fsdfm.metrics.exact_nll`).
 """
 
 from __future__ import annotations
@@ -392,44 +392,70 @@ class ExactPosterior:
 
 
 class MarkovChain:
-    """x_1, x_2 uniform, then x_i ~ P(. | x_{i-2}, x_{i-1}) for i = 3..L, with each conditional
-    drawn from a symmetric Dirichlet(``concentration``) (small = peaked rows = low entropy).
+    """A random Markov chain of order k (1 or 2) over V symbols: x_1..x_k uniform, then
+    x_i ~ P(. | x_{i-k}, ..., x_{i-1}) for i = k+1..L, each conditional drawn from a symmetric
+    Dirichlet(``concentration``) (small = peaked rows = low entropy).
 
     ``sample(n, generator)`` -> int64 [n, L]; ``log_prob(tokens [n, L])`` -> [n] natural logs
-    (for :func:`fsdfm.metrics.exact_nll`); ``entropy_rate`` the mean entropy per token (nats) of
-    the chain's conditionals under a uniform history, a reference for the NLL per token."""
+    (for :func:`fsdfm.metrics.exact_nll`); ``entropy_rate``: the expected entropy (nats) of a
+    transition of a sample, averaged over positions k+1..L (the law of the context is propagated
+    exactly from the uniform start), so that the chain's own samples score
+    (k ln V + (L - k) entropy_rate) / L nats per token in expectation (``expected_nll``)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, *, concentration: float = 0.1, seed=0):
-        if vocab_size < 2 or seq_len < 3:
-            raise ValueError("need vocab_size >= 2 and seq_len >= 3")
+    def __init__(
+        self, vocab_size: int, seq_len: int, *, order: int = 2, concentration: float = 0.1, seed=0
+    ):
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        if vocab_size < 2 or seq_len <= order:
+            raise ValueError(
+                f"need vocab_size >= 2 and seq_len > order, got {vocab_size} and {seq_len}"
+            )
         import numpy as np
 
         # Dirichlet rows as normalised Gamma draws, from NumPy's seeded generator (torch's Gamma
         # sampler only draws from the global RNG).
-        w = np.random.default_rng(seed).gamma(concentration, size=(vocab_size,) * 3)
+        w = np.random.default_rng(seed).gamma(concentration, size=(vocab_size,) * (order + 1))
         w = torch.from_numpy(w)
-        self.table = w / w.sum(-1, keepdim=True)  # [V, V, V]: P(c | a, b)
+        self.table = w / w.sum(-1, keepdim=True)  # [V]*(k+1): P(c | context)
         self.log_table = self.table.clamp_min(1e-300).log()
-        self.vocab_size, self.seq_len = vocab_size, seq_len
+        self.vocab_size, self.seq_len, self.order = vocab_size, seq_len, order
+        self._entropy_rate = None
 
     @property
     def entropy_rate(self) -> float:
-        h = -(self.table * self.log_table).sum(-1)
-        return float(h.mean())
+        if self._entropy_rate is None:
+            k, V = self.order, self.vocab_size
+            row_entropy = -(self.table * self.log_table).sum(-1)  # [V]*k
+            context = torch.full((V,) * k, V**-k, dtype=torch.float64)
+            total = 0.0
+            for _ in range(self.seq_len - k):
+                total += float((context * row_entropy).sum())
+                # The law of the next context: (x_{i-k+1}, ..., x_i).
+                joint = context.unsqueeze(-1) * self.table  # [V]*(k+1)
+                context = joint.sum(0)
+            self._entropy_rate = total / (self.seq_len - k)
+        return self._entropy_rate
+
+    @property
+    def expected_nll(self) -> float:
+        k, L = self.order, self.seq_len
+        return (k * math.log(self.vocab_size) + (L - k) * self.entropy_rate) / L
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        V, L = self.vocab_size, self.seq_len
+        V, L, k = self.vocab_size, self.seq_len, self.order
         x = torch.empty(n, L, dtype=torch.long)
-        x[:, :2] = torch.randint(0, V, (n, 2), generator=generator)
-        for i in range(2, L):
-            rows = self.table[x[:, i - 2], x[:, i - 1]]
+        x[:, :k] = torch.randint(0, V, (n, k), generator=generator)
+        for i in range(k, L):
+            rows = self.table[tuple(x[:, i - k + j] for j in range(k))]
             x[:, i] = torch.multinomial(rows, 1, generator=generator)[:, 0]
         return x
 
     def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
-        V = self.vocab_size
-        first = -2 * math.log(V)
-        steps = self.log_table[tokens[:, :-2], tokens[:, 1:-1], tokens[:, 2:]]
+        k, L = self.order, tokens.shape[1]
+        tokens = tokens.cpu()
+        first = -k * math.log(self.vocab_size)
+        steps = self.log_table[tuple(tokens[:, j : L - k + j] for j in range(k + 1))]
         return first + steps.sum(-1)
 
 

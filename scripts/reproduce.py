@@ -2,7 +2,7 @@
 
     python scripts/reproduce.py checkerboard --source uniform   # 2-D checkerboard, V = 128, L = 2
     python scripts/reproduce.py checkerboard --source mask
-    python scripts/reproduce.py markov                          # order-2 Markov chain, L = 128
+    python scripts/reproduce.py markov                          # order-1 Markov chain, L = 128
     python scripts/reproduce.py oracle --source uniform  # the checkerboard's exact denoiser
     python scripts/reproduce.py --threads 2 text --run runs/default  # the bundled model, real text
     python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
@@ -94,15 +94,17 @@ def write_data(tokens: torch.Tensor, out: Path, tokenizer: Path, vocab_size: int
 
 
 def train_pair(out: Path, data: Path, tokenizer: Path, args, preset: str, seq_len: int):
-    """Pre-train the teacher, then distil the student; returns the training seconds of each
-    (of this invocation: 0 when a finished run is found)."""
+    """Pre-train the teacher, then distil the student(s): ``args.student_dir`` with the RK-4
+    shortcut teacher and, for the ablation, ``heun_dir`` with Heun's when the problem asks for
+    it (``args.heun_dir``). Returns the training seconds of each (of this invocation: 0 when a
+    finished run is found)."""
     common = dict(
         data=str(data),
         tokenizer=str(tokenizer),
         seq_len=seq_len,
         dropout=0.0,
         batch_size=args.batch_size,
-        device="cpu",
+        device=args.device,
         seed=args.seed,
         eval_every=args.eval_every,
         save_every=500,
@@ -123,34 +125,41 @@ def train_pair(out: Path, data: Path, tokenizer: Path, args, preset: str, seq_le
         )
     )
     seconds["teacher"] = time.perf_counter() - start
-    start = time.perf_counter()
-    train(
-        TrainConfig(
-            mode="distill",
-            out=str(out / args.student_dir),
-            teacher=str(out / "teacher" / "model"),
-            teacher_type="rk4",
-            steps=args.student_steps,
-            lr=args.student_lr,
-            ema=args.ema,
-            **common,
+    students = {args.student_dir: "rk4"}
+    if getattr(args, "heun_dir", None):
+        students[args.heun_dir] = "heun"
+    for name, teacher_type in students.items():
+        start = time.perf_counter()
+        train(
+            TrainConfig(
+                mode="distill",
+                out=str(out / name),
+                teacher=str(out / "teacher" / "model"),
+                teacher_type=teacher_type,
+                steps=args.student_steps,
+                lr=args.student_lr,
+                ema=args.ema,
+                **common,
+            )
         )
-    )
-    seconds["student"] = time.perf_counter() - start
+        seconds[name] = time.perf_counter() - start
     return seconds
 
 
-def load_pair(out: Path, student_dir: str):
-    teacher = load(out / "teacher" / "model", device="cpu").eval()
-    student = load(out / student_dir / "model_ema", device="cpu").eval()
-    return {"teacher": teacher, "student": student}
+def load_pair(out: Path, student_dir: str, device: str = "cpu", extra: dict | None = None):
+    """The teacher and the student (its EMA weights), plus ``extra`` (label -> student dir)."""
+    models = {"teacher": load(out / "teacher" / "model", device=device).eval()}
+    for label, name in {"student": student_dir, **(extra or {})}.items():
+        models[label] = load(out / name / "model_ema", device=device).eval()
+    return models
 
 
-def evaluate(models, args, metric_fns, on_samples=None) -> list[dict]:
+def evaluate(models, args, metric_fns, on_samples=None, solvers=None) -> list[dict]:
     """Teacher with both solvers and the student with its own at the few-step budgets (n =
     --samples), then the teacher's 1024-step baseline on fewer samples (--samples-long): on a
-    CPU one 1024-step run costs as much as 1024 one-step runs."""
-    solvers = {"teacher": ("dfm", "cumulative"), "student": ("cumulative",)}
+    CPU one 1024-step run costs as much as 1024 one-step runs. ``solvers``: model -> solvers,
+    to replace the default plan of the few-step budgets."""
+    solvers = solvers or {"teacher": ("dfm", "cumulative"), "student": ("cumulative",)}
     common = dict(
         batch_size=args.eval_batch, metric_fns=metric_fns, seed=args.seed, on_samples=on_samples
     )
@@ -215,7 +224,7 @@ def checkerboard(args) -> None:
     seconds = train_pair(out, data, tokenizer, args, "toy-pairs", seq_len=2)
     print(f"training seconds (this invocation): {seconds}", file=sys.stderr)
 
-    models = load_pair(out, args.student_dir)
+    models = load_pair(out, args.student_dir, args.device)
     keep = {}
     shown = {
         ("teacher", "dfm", 1),
@@ -294,36 +303,48 @@ def oracle(args) -> None:
 
 
 def markov(args) -> None:
-    V, L = args.vocab, 128
-    out = Path(args.out or ROOT / "runs" / f"markov-{args.source}")
+    V, L, k = args.vocab, 128, args.order
+    out = Path(args.out or ROOT / "runs" / f"markov{k}-{args.source}")
     out.mkdir(parents=True, exist_ok=True)
-    chain = MarkovChain(V, L, concentration=args.concentration, seed=args.seed)
+    chain = MarkovChain(V, L, order=k, concentration=args.concentration, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed)
     tokenizer = symbol_tokenizer(V, out / "tokenizer")
     data = write_data(chain.sample(args.train_seqs, g), out, tokenizer, V)
     seconds = train_pair(out, data, tokenizer, args, "toy-chain", seq_len=L)
     print(f"training seconds (this invocation): {seconds}", file=sys.stderr)
-    models = load_pair(out, args.student_dir)
-    rows = evaluate(models, args, {"nll": lambda x: exact_nll(x, chain.log_prob)["per_token"]})
+    # The ablations: the cumulative scalar against the Euler solver (every model), and the
+    # RK-4 against the Heun shortcut teacher (a second student).
+    extra = {"student-heun": args.heun_dir} if args.heun_dir else {}
+    models = load_pair(out, args.student_dir, args.device, extra)
+    solvers = {name: ("cumulative", "euler") for name in models}
+    solvers["teacher"] = ("dfm", "cumulative", "euler")
+    nll = {"nll": lambda x: exact_nll(x, chain.log_prob)["per_token"]}
+    rows = evaluate(models, args, nll, solvers=solvers)
     truth = chain.sample(args.samples, g)
     held_out = chain.sample(200, g)
-    nll = exact_nll(held_out, chain.log_prob)["per_token"]
     note = (
-        f"Order-2 Markov chain, V = {V}, L = {L}, Dirichlet({args.concentration}) rows, "
-        f"{args.source} source. nll: exact NLL per token under the chain (nats); the chain's own "
-        f"samples score {exact_nll(truth, chain.log_prob)['per_token']:.3f} (entropy rate "
-        f"{chain.entropy_rate:.3f}). " + likelihood_bounds(models, held_out, nll)
+        f"Order-{k} Markov chain, V = {V}, L = {L}, Dirichlet({args.concentration}) rows, "
+        f"{args.source} source, {args.train_seqs} training sequences. nll: exact NLL per token "
+        f"under the chain (nats); the chain's own samples score "
+        f"{exact_nll(truth, chain.log_prob)['per_token']:.3f} ({chain.expected_nll:.3f} in "
+        f"expectation; entropy {float(unigram_entropy(truth).mean()):.3f} bits). "
+        f"student-heun: distilled with the Heun shortcut teacher instead of RK-4. "
+        + likelihood_bounds(
+            models, held_out, exact_nll(held_out, chain.log_prob)["per_token"], args.eval_batch
+        )
+        + f" Training seconds (this invocation): {json.dumps(seconds)}."
     )
     paths = write_results(
         rows,
         out / f"eval-{args.student_dir}",
         quality="nll",
         note=note,
-        title=f"order-2 Markov chain, {args.source} source",
+        title=f"order-{k} Markov chain, {args.source} source",
     )
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    shutil.copy(paths["png"], figures / f"markov-{args.source}.png")
+    shutil.copy(paths["png"], figures / f"markov{k}-{args.source}.png")
+    shutil.copy(paths["json"], figures / f"markov{k}-{args.source}.json")
     print(paths["md"].read_text())
 
 
@@ -425,12 +446,12 @@ def main(argv=None) -> None:
         (
             "markov",
             dict(
-                teacher_steps=1500,
-                student_steps=400,
-                batch_size=32,
-                samples=256,
-                samples_long=64,
-                eval_batch=256,
+                teacher_steps=4000,
+                student_steps=1000,
+                batch_size=128,
+                samples=1024,
+                samples_long=1024,
+                eval_batch=1024,
             ),
         ),
     ):
@@ -450,6 +471,12 @@ def main(argv=None) -> None:
             help="the student's directory under --out (another name trains another student)",
         )
         p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+        p.add_argument(
+            "--device",
+            choices=("cpu", "cuda"),
+            default="cuda" if torch.cuda.is_available() else "cpu",
+            help="where to train and sample (default: cuda when available)",
+        )
         p.add_argument("--eval-every", type=int, default=500)
         p.add_argument(
             "--steps",
@@ -465,8 +492,14 @@ def main(argv=None) -> None:
             p.add_argument("--train-pairs", type=int, default=200000)
         else:
             p.add_argument("--vocab", type=int, default=256)
+            p.add_argument("--order", type=int, choices=(1, 2), default=1)
             p.add_argument("--concentration", type=float, default=0.1)
-            p.add_argument("--train-seqs", type=int, default=20000)
+            p.add_argument("--train-seqs", type=int, default=100000)
+            p.add_argument(
+                "--heun-dir",
+                default="student-heun",
+                help="a second student distilled with the Heun shortcut teacher ('' for none)",
+            )
     o = sub.add_parser("oracle", help="the checkerboard sampled with its exact denoiser")
     o.add_argument("--source", choices=["uniform", "mask"], default="uniform")
     o.add_argument("--out", default=None)

@@ -280,17 +280,33 @@ def test_checkerboard_law_and_scores():
     assert tv_noise_floor(law, 100) > tv_noise_floor(law, 10000)
 
 
-def test_markov_chain_law():
-    chain = MarkovChain(6, 10, concentration=0.5, seed=1)
-    assert torch.allclose(chain.table.sum(-1), torch.ones(6, 6, dtype=torch.float64))
-    x = chain.sample(4000, torch.Generator().manual_seed(0))
-    assert x.shape == (4000, 10) and x.min() >= 0 and x.max() < 6
-    lp = chain.log_prob(x)
-    # The NLL of the chain's own samples: 2 uniform tokens, then about the entropy rate each.
-    per_token = float(-lp.mean()) / 10
-    expected = (2 * torch.log(torch.tensor(6.0)).item() + 8 * chain.entropy_rate) / 10
-    assert per_token == pytest.approx(expected, rel=0.05)
-    assert torch.equal(MarkovChain(6, 10, concentration=0.5, seed=1).table, chain.table)
+@pytest.mark.parametrize("order", [1, 2])
+def test_markov_chain_law(order):
+    chain = MarkovChain(6, 10, order=order, concentration=0.5, seed=1)
+    assert chain.table.shape == (6,) * (order + 1)
+    assert torch.allclose(chain.table.sum(-1), torch.ones((6,) * order, dtype=torch.float64))
+    x = chain.sample(20000, torch.Generator().manual_seed(0))
+    assert x.shape == (20000, 10) and x.min() >= 0 and x.max() < 6
+    # Each transition follows its row: the empirical next-symbol law of the most frequent
+    # context against the table, by chi-square.
+    context = x[:, order - 1 : 9] if order == 1 else x[:, :8] * 6 + x[:, 1:9]
+    nxt = x[:, order:].flatten()
+    context = context.flatten()
+    top = int(context.bincount().argmax())
+    counts = nxt[context == top].bincount(minlength=6).double()
+    expected = counts.sum() * chain.table.reshape(-1, 6)[top]
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert stat < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
+    # The NLL of its own samples: k uniform tokens, then the exact expected entropy of the rest.
+    per_token = float(-chain.log_prob(x).mean()) / 10
+    assert per_token == pytest.approx(chain.expected_nll, rel=0.01)
+    assert chain.expected_nll == pytest.approx(
+        (order * math.log(6) + (10 - order) * chain.entropy_rate) / 10
+    )
+    again = MarkovChain(6, 10, order=order, concentration=0.5, seed=1)
+    assert torch.equal(again.table, chain.table)
+    with pytest.raises(ValueError, match="order"):
+        MarkovChain(6, 10, order=3)
 
 
 def test_train_scorer_learns_and_scores(tmp_path):
