@@ -438,6 +438,38 @@ class MarkovChain:
         return self._entropy_rate
 
     @property
+    def pair_law(self) -> torch.Tensor:
+        """[V, V]: the law of a pair of neighbours (x_{i-1}, x_i) of a sample, averaged over the
+        L - 1 positions i (exact, propagated from the uniform start)."""
+        V, L = self.vocab_size, self.seq_len
+        uniform = torch.full((V,), 1.0 / V, dtype=torch.float64)
+        if self.order == 1:
+            pairs, marginal = torch.zeros(V, V, dtype=torch.float64), uniform
+            for _ in range(L - 1):
+                joint = marginal[:, None] * self.table
+                pairs += joint
+                marginal = joint.sum(0)
+        else:  # the state of the chain is the pair itself
+            state = uniform[:, None] * uniform[None, :]
+            pairs = state.clone()
+            for _ in range(L - 2):
+                state = (state.unsqueeze(-1) * self.table).sum(0)
+                pairs += state
+        return pairs / (L - 1)
+
+    def pair_tv(self, tokens: torch.Tensor) -> float:
+        """Total variation between the pooled neighbour pairs of samples [n, L] and
+        :attr:`pair_law`: small only when the samples follow the chain's transitions at their
+        right frequencies (a sampler that repeats the likeliest transitions scores a low NLL but
+        a high pair_tv). Pairs of one sample are dependent, so compare it with the chain's own
+        samples of the same n, not with a multinomial floor."""
+        tokens = tokens.cpu()
+        V = self.vocab_size
+        index = (tokens[:, :-1] * V + tokens[:, 1:]).flatten()
+        counts = torch.bincount(index, minlength=V * V).double()
+        return 0.5 * float((counts / counts.sum() - self.pair_law.flatten()).abs().sum())
+
+    @property
     def expected_nll(self) -> float:
         k, L = self.order, self.seq_len
         return (k * math.log(self.vocab_size) + (L - k) * self.entropy_rate) / L

@@ -318,8 +318,11 @@ def markov(args) -> None:
     models = load_pair(out, args.student_dir, args.device, extra)
     solvers = {name: ("cumulative", "euler") for name in models}
     solvers["teacher"] = ("dfm", "cumulative", "euler")
-    nll = {"nll": lambda x: exact_nll(x, chain.log_prob)["per_token"]}
-    rows = evaluate(models, args, nll, solvers=solvers)
+
+    def scores(x: torch.Tensor) -> dict[str, float]:
+        return {"nll": exact_nll(x, chain.log_prob)["per_token"], "pair_tv": chain.pair_tv(x)}
+
+    rows = evaluate(models, args, {"chain": scores}, solvers=solvers)
     truth = chain.sample(args.samples, g)
     held_out = chain.sample(200, g)
     note = (
@@ -327,7 +330,9 @@ def markov(args) -> None:
         f"{args.source} source, {args.train_seqs} training sequences. nll: exact NLL per token "
         f"under the chain (nats); the chain's own samples score "
         f"{exact_nll(truth, chain.log_prob)['per_token']:.3f} ({chain.expected_nll:.3f} in "
-        f"expectation; entropy {float(unigram_entropy(truth).mean()):.3f} bits). "
+        f"expectation; entropy {float(unigram_entropy(truth).mean()):.3f} bits; pair_tv "
+        f"{chain.pair_tv(truth):.3f}). pair_tv: total variation between the samples' pooled "
+        f"neighbour pairs and the chain's pair law (the chain's own samples set the floor). "
         f"student-heun: distilled with the Heun shortcut teacher instead of RK-4. "
         + likelihood_bounds(
             models, held_out, exact_nll(held_out, chain.log_prob)["per_token"], args.eval_batch

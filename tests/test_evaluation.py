@@ -303,6 +303,11 @@ def test_markov_chain_law(order):
     assert chain.expected_nll == pytest.approx(
         (order * math.log(6) + (10 - order) * chain.entropy_rate) / 10
     )
+    # The neighbour pairs of its own samples follow pair_law (TV near the noise of 180,000
+    # pairs over 36 cells); independent uniform tokens do not.
+    assert chain.pair_law.sum() == pytest.approx(1.0)
+    assert chain.pair_tv(x) < 0.01
+    assert chain.pair_tv(torch.randint(0, 6, (20000, 10), generator=torch.Generator())) > 0.1
     again = MarkovChain(6, 10, order=order, concentration=0.5, seed=1)
     assert torch.equal(again.table, chain.table)
     with pytest.raises(ValueError, match="order"):
