@@ -1,8 +1,8 @@
-"""The paper's claim reproduced in small, on a CPU (docs/results.md has the numbers).
+"""The paper's claim reproduced in small (docs/results.md has the numbers and the commands).
 
     python scripts/reproduce.py checkerboard --source uniform   # 2-D checkerboard, V = 128, L = 2
     python scripts/reproduce.py checkerboard --source mask
-    python scripts/reproduce.py markov                          # order-1 Markov chain, L = 128
+    python scripts/reproduce.py --threads 4 markov              # order-1 Markov chain, L = 128
     python scripts/reproduce.py oracle --source uniform  # the checkerboard's exact denoiser
     python scripts/reproduce.py --threads 2 text --run runs/default  # the bundled model, real text
     python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
@@ -443,6 +443,10 @@ def main(argv=None) -> None:
                 teacher_steps=10000,
                 student_steps=3000,
                 batch_size=256,
+                teacher_lr=1e-3,
+                ema=0.999,
+                eval_every=500,
+                steps=(1, 2, 4, 8, 16),
                 samples=50000,
                 samples_long=5000,
                 eval_batch=10000,
@@ -450,10 +454,15 @@ def main(argv=None) -> None:
         ),
         (
             "markov",
+            # The H200 run of docs/results.md (about 5 minutes there; far too long for a CPU).
             dict(
-                teacher_steps=4000,
-                student_steps=1000,
-                batch_size=128,
+                teacher_steps=10000,
+                student_steps=1500,
+                batch_size=256,
+                teacher_lr=2e-3,
+                ema=0.99,
+                eval_every=2000,
+                steps=(1, 2, 4, 8, 16, 64, 256),
                 samples=1024,
                 samples_long=1024,
                 eval_batch=1024,
@@ -467,9 +476,9 @@ def main(argv=None) -> None:
         p.add_argument("--figures", default=str(FIGURES), help="where the plots are copied")
         p.add_argument("--teacher-steps", type=int, default=defaults["teacher_steps"])
         p.add_argument("--student-steps", type=int, default=defaults["student_steps"])
-        p.add_argument("--teacher-lr", type=float, default=1e-3)
+        p.add_argument("--teacher-lr", type=float, default=defaults["teacher_lr"])
         p.add_argument("--student-lr", type=float, default=3e-4)
-        p.add_argument("--ema", type=float, default=0.999)
+        p.add_argument("--ema", type=float, default=defaults["ema"])
         p.add_argument(
             "--student-dir",
             default="student",
@@ -482,11 +491,11 @@ def main(argv=None) -> None:
             default="cuda" if torch.cuda.is_available() else "cpu",
             help="where to train and sample (default: cuda when available)",
         )
-        p.add_argument("--eval-every", type=int, default=500)
+        p.add_argument("--eval-every", type=int, default=defaults["eval_every"])
         p.add_argument(
             "--steps",
             type=_steps,
-            default=(1, 2, 4, 8, 16),
+            default=defaults["steps"],
             help="the few-step budgets, comma-separated",
         )
         p.add_argument("--long-steps", type=int, default=1024, help="the baseline's budget")

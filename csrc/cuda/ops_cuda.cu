@@ -7,11 +7,11 @@
 //   tail (< 16 bytes). Thread t owns head element t, body units t, t + T, t + 2T, ... and tail
 //   element t; that fixed set is its "group" of the two-level draw. Consecutive threads read
 //   consecutive 16-byte units, so every warp-wide load is a fully used 512-byte span.
-//   Passes. With barrier = +inf (the default) a row is read ONCE: each thread folds its elements
-//   into an OnlineSoftmax (running maximum, total and allowed masses); the block combines the
-//   thread partials in float64. A finite barrier needs the row maximum before the allowed set
-//   is known, so a first read computes the maximum only and a second read (served mostly by L2:
-//   the row was just streamed) does the OnlineSoftmax with the threshold applied.
+//   Passes. With barrier = +inf (the default) a row is read ONCE: each thread folds its units
+//   into an OnlineSoftmax (running maximum, total and allowed masses, a unit at a time); the
+//   block combines the thread partials in float64. A finite barrier needs the row maximum before
+//   the allowed set is known, so a first read computes the maximum only and a second read
+//   (served mostly by L2: the row was just streamed) does the OnlineSoftmax with the threshold.
 //   Draw. Exact inverse-CDF in two levels with float64 running sums: warp 0 picks a thread
 //   (group) with probability proportional to its allowed mass, then a token inside that thread's
 //   set; both levels use warp scans, so the draw after the streaming pass costs a handful of
@@ -30,9 +30,10 @@
 // thread, long enough to amortise the per-row reduction and draw; 256 threads with kUnroll = 4
 // independent 16-byte loads each keep 16 KB in flight per block, several blocks per SM cover the
 // DRAM latency-bandwidth product, and T / 32 = 8 group weights per lane of warp 0 keep the
-// first-level scan short. The per-element work is the OnlineSoftmax update (about 20 SASS
-// instructions on sm_90, one of them MUFU.EX2): about half the SM's issue rate at full HBM
-// bandwidth for float32 logits, close to it for 16-bit logits (twice the elements per byte).
+// first-level scan short. The per-element work is the OnlineSoftmax unit update: the unit's
+// maximum, then one exponential (MUFU.EX2) and one add per token. Measured on an H200 (B = 32,
+// L = 1024, V = 50257; benchmarks/results/NVIDIA_H200): jump_step reads float32 rows at 94% and
+// bfloat16 rows at 73% of the device's copy bandwidth (a per-token update: 78% and 43%).
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -166,12 +167,16 @@ struct InRow : RowSplit<T> {
   }
 };
 
-// Calls f(x, value) for every element x owned by thread t, in the group order of the draw:
-// head element, body units in increasing k, tail element.
+// Calls f(first, values) for every unit of elements owned by thread t, in the group order of
+// the draw: the head element (values: float[1]), body units in increasing k (float[kVec], the
+// elements first, ..., first + kVec - 1), the tail element (float[1]).
 template <typename T, typename F>
-__device__ __forceinline__ void for_each_owned(const InRow<T>& row, int t, F&& f) {
+__device__ __forceinline__ void for_each_unit(const InRow<T>& row, int t, F&& f) {
   constexpr int kVec = Elem<T>::kVec;
-  if (t < row.head) f(t, row.scalar(t));
+  if (t < row.head) {
+    const float one[1] = {row.scalar(t)};
+    f(t, one);
+  }
   int k = t;
   // Issue kUnroll independent loads before using any: memory-level parallelism per thread.
   for (; k + (kUnroll - 1) * kThreads < row.units; k += kUnroll * kThreads) {
@@ -182,19 +187,18 @@ __device__ __forceinline__ void for_each_owned(const InRow<T>& row, int t, F&& f
     for (int u = 0; u < kUnroll; ++u) {
       float s[kVec];
       unpack<T>(v[u], s);
-      const int first = row.head + (k + u * kThreads) * kVec;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) f(first + i, s[i]);
+      f(row.head + (k + u * kThreads) * kVec, s);
     }
   }
   for (; k < row.units; k += kThreads) {
     float s[kVec];
     unpack<T>(row.unit(k), s);
-    const int first = row.head + k * kVec;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) f(first + i, s[i]);
+    f(row.head + k * kVec, s);
   }
-  if (t < row.tail) f(row.tail_start + t, row.scalar(row.tail_start + t));
+  if (t < row.tail) {
+    const float one[1] = {row.scalar(row.tail_start + t)};
+    f(row.tail_start + t, one);
+  }
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -274,14 +278,14 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
   const float inv_temp = a.inv_temperature;
 
   float thr = kNegInf;  // barrier = +inf: every token is reachable, one read of the row
-  if (a.barrier < INFINITY) {
+  const bool finite_barrier = a.barrier < INFINITY;
+  if (finite_barrier) {
     float mt = kNegInf;
-    bool bad = false;
-    for_each_owned(row, t, [&](int, float v) {
-      const float s = v * inv_temp;
-      bad |= !(s == s);
-      mt = fmaxf(mt, s);  // ignores NaN, which `bad` records
+    for_each_unit(row, t, [&](int, const auto& v) {
+#pragma unroll
+      for (const float x : v) mt = max_nan(mt, x * inv_temp);
     });
+    const bool bad = !(mt == mt);
     bool any_bad;
     const float m = block_max(mt, bad, any_bad, s_warp);
     if (!row_is_valid(m, any_bad)) {
@@ -290,14 +294,24 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
     }
     thr = reach_threshold(m, a.barrier);
   }
-  // The allowed set; the same predicate decides the masses and the draw.
+  // The allowed set; the same predicate decides the masses (OnlineSoftmax) and the draw.
   const auto allowed = [&](int x, float s) { return x != excluded && s >= thr; };
 
   OnlineSoftmax st;
-  for_each_owned(row, t, [&](int x, float v) {
-    const float s = v * inv_temp;
-    st.add(s, allowed(x, s));
-  });
+  const auto stream = [&](auto threshold) {
+    for_each_unit(row, t, [&](int first, const auto& v) {
+      constexpr int n = sizeof(v) / sizeof(v[0]);
+      float s[n];
+#pragma unroll
+      for (int i = 0; i < n; ++i) s[i] = v[i] * inv_temp;
+      st.add<decltype(threshold)::value>(s, first, excluded, thr);
+    });
+  };
+  if (finite_barrier) {
+    stream(std::true_type{});
+  } else {
+    stream(std::false_type{});
+  }
   s_max[t] = st.m;
   s_total[t] = st.total;
   s_allowed[t] = st.allowed;
@@ -522,9 +536,12 @@ __global__ void __launch_bounds__(kThreads) generator_kernel(const GeneratorPara
   if (a.finite_barrier) {
     float mt = kNegInf;
     bool bad = false;
-    for_each_owned(InRow<T>(in, a.V), t, [&](int, float p) {
-      bad |= !(p >= 0.0f);  // negative or NaN
-      mt = fmaxf(mt, p);
+    for_each_unit(InRow<T>(in, a.V), t, [&](int, const auto& v) {
+#pragma unroll
+      for (const float p : v) {
+        bad |= !(p >= 0.0f);  // negative or NaN
+        mt = fmaxf(mt, p);
+      }
     });
     bool any_bad;
     const float pmax = block_max(mt, bad, any_bad, s_warp);

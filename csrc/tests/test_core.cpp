@@ -298,22 +298,35 @@ struct Reference {
   double allowed;
 };
 
-// Computed after the fact from the true maximum, in double.
-Reference reference(const std::vector<float>& s, const std::vector<bool>& allowed) {
+// Computed after the fact from the true maximum, in double. Allowed: not `excluded`, s >= thr.
+Reference reference(const std::vector<float>& s, int64_t excluded, float thr) {
   Reference r{-kInfF, 0.0, 0.0};
   for (const float x : s) r.m = std::max(r.m, x);
   for (size_t i = 0; i < s.size(); ++i) {
     const double e = std::exp(static_cast<double>(s[i]) - static_cast<double>(r.m));
     r.total += e;
-    r.allowed += allowed[i] ? e : 0.0;
+    r.allowed += static_cast<int64_t>(i) != excluded && s[i] >= thr ? e : 0.0;
   }
   return r;
 }
 
-OnlineSoftmax stream(const std::vector<float>& s, const std::vector<bool>& allowed, size_t begin,
-                     size_t end) {
+// Feeds s[begin, end) as the GPU kernel does: a scalar head, units of 4, scalar tail.
+template <bool kThreshold>
+OnlineSoftmax stream(const std::vector<float>& s, size_t begin, size_t end, int64_t excluded,
+                     float thr) {
   OnlineSoftmax st;
-  for (size_t i = begin; i < end; ++i) st.add(s[i], allowed[i]);
+  size_t i = begin;
+  const auto scalar = [&] {
+    const float one[1] = {s[i]};
+    st.add<kThreshold>(one, static_cast<int64_t>(i), excluded, thr);
+    ++i;
+  };
+  if (i < end) scalar();
+  for (; i + 4 <= end; i += 4) {
+    const float unit[4] = {s[i], s[i + 1], s[i + 2], s[i + 3]};
+    st.add<kThreshold>(unit, static_cast<int64_t>(i), excluded, thr);
+  }
+  while (i < end) scalar();
   return st;
 }
 
@@ -325,59 +338,75 @@ RowMass merge(const OnlineSoftmax& a, const OnlineSoftmax& b, float* m) {
   return RowMass{a.total * ca + b.total * cb, a.allowed * ca + b.allowed * cb};
 }
 
+template <bool kThreshold>
+void check_stream(const std::vector<float>& s, int64_t excluded, float thr) {
+  const size_t n = s.size();
+  const Reference ref = reference(s, excluded, thr);
+  const OnlineSoftmax st = stream<kThreshold>(s, 0, n, excluded, thr);
+  CHECK_EQ(st.m, ref.m);
+  CHECK_REL(st.total, ref.total, 1e-5);
+  CHECK_REL(st.allowed, ref.allowed, 1e-5);
+  CHECK(!st.bad);
+  CHECK(fsdfm::row_is_valid(st.m, st.bad));
+
+  // Two halves (the second starting mid-unit) merged as the kernels merge groups.
+  float m = 0.0f;
+  const RowMass halves = merge(stream<kThreshold>(s, 0, n / 2 + 1, excluded, thr),
+                               stream<kThreshold>(s, n / 2 + 1, n, excluded, thr), &m);
+  CHECK_EQ(m, ref.m);
+  CHECK_REL(halves.total, ref.total, 1e-5);
+  CHECK_REL(halves.allowed, ref.allowed, 1e-5);
+}
+
 void test_online_softmax() {
   std::mt19937 rng(7);
   std::normal_distribution<float> logit(0.0f, 3.0f);
-  std::bernoulli_distribution coin(0.7);
 
-  // Increasing order makes the maximum change at nearly every element, the worst case for
-  // the rescaling; the shuffled order is the common case.
+  // Increasing order makes the maximum change at nearly every unit, the worst case for the
+  // rescaling; the shuffled order is the common case. The excluded token and the threshold
+  // take their own paths (the excluded token's unit is summed again without it).
   for (const bool sorted : {true, false}) {
-    constexpr size_t kN = 4096;
+    constexpr size_t kN = 4099;  // not a multiple of the unit: a scalar tail
     std::vector<float> s(kN);
-    std::vector<bool> allowed(kN);
-    for (size_t i = 0; i < kN; ++i) {
-      s[i] = i % 17 == 0 ? -kInfF : logit(rng);
-      allowed[i] = coin(rng);
-    }
+    for (size_t i = 0; i < kN; ++i) s[i] = i % 17 == 0 ? -kInfF : logit(rng);
     if (sorted) {
       std::sort(s.begin(), s.end());
     } else {
       std::shuffle(s.begin(), s.end(), rng);
     }
-    const Reference ref = reference(s, allowed);
-    const OnlineSoftmax st = stream(s, allowed, 0, kN);
-    CHECK_EQ(st.m, ref.m);
-    CHECK_REL(st.total, ref.total, 1e-5);
-    CHECK_REL(st.allowed, ref.allowed, 1e-5);
-    CHECK(!st.bad);
-    CHECK(fsdfm::row_is_valid(st.m, st.bad));
-
-    float m = 0.0f;
-    const RowMass halves = merge(stream(s, allowed, 0, kN / 2), stream(s, allowed, kN / 2, kN),
-                                 &m);
-    CHECK_EQ(m, ref.m);
-    CHECK_REL(halves.total, static_cast<double>(st.total), 1e-5);
-    CHECK_REL(halves.allowed, static_cast<double>(st.allowed), 1e-5);
-    CHECK_REL(halves.total, ref.total, 1e-5);
-    CHECK_REL(halves.allowed, ref.allowed, 1e-5);
+    for (const int64_t excluded : {int64_t{-1}, int64_t{0}, int64_t{2050}, int64_t{kN - 1}}) {
+      check_stream<false>(s, excluded, -kInfF);
+      check_stream<true>(s, excluded, -kInfF);
+      check_stream<true>(s, excluded, 2.0f);
+    }
   }
 
-  // Allowed with every element allowed equals total; none allowed gives 0.
+  // Nothing excluded and no threshold: allowed equals total; a threshold above every token
+  // leaves nothing allowed.
   {
-    const std::vector<float> s = {0.5f, -1.0f, 2.0f, -kInfF, 1.5f};
-    const OnlineSoftmax all = stream(s, std::vector<bool>(s.size(), true), 0, s.size());
-    const OnlineSoftmax none = stream(s, std::vector<bool>(s.size(), false), 0, s.size());
+    const std::vector<float> s = {0.5f, -1.0f, 2.0f, -kInfF, 1.5f, 0.25f};
+    const OnlineSoftmax all = stream<false>(s, 0, s.size(), -1, -kInfF);
+    const OnlineSoftmax none = stream<true>(s, 0, s.size(), -1, kInfF);
     CHECK_EQ(all.allowed, all.total);
     CHECK_EQ(none.allowed, 0.0f);
     CHECK_EQ(none.total, all.total);
   }
 
+  // An excluded token that dominates its unit: the others' mass survives (a subtraction
+  // total - e_excluded would give 0 in float).
+  {
+    const std::vector<float> s = {30.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    const OnlineSoftmax st = stream<false>(s, 0, s.size(), 1, -kInfF);
+    const Reference ref = reference(s, 1, -kInfF);
+    CHECK_REL(st.allowed, ref.allowed, 1e-5);
+    const OnlineSoftmax head = stream<false>(s, 0, s.size(), 0, -kInfF);
+    CHECK_REL(head.allowed, reference(s, 0, -kInfF).allowed, 1e-5);
+  }
+
   // A row of -inf: no maximum, empty sums, not a distribution; merging it changes nothing.
   {
     const std::vector<float> s(10, -kInfF);
-    const std::vector<bool> allowed(10, true);
-    const OnlineSoftmax st = stream(s, allowed, 0, s.size());
+    const OnlineSoftmax st = stream<false>(s, 0, s.size(), -1, -kInfF);
     CHECK_EQ(st.m, -kInfF);
     CHECK_EQ(st.total, 0.0f);
     CHECK_EQ(st.allowed, 0.0f);
@@ -387,35 +416,36 @@ void test_online_softmax() {
     CHECK_EQ(fsdfm::rescale(-kInfF, -kInfF), 0.0);
 
     const std::vector<float> t = {1.0f, 2.0f};
-    const OnlineSoftmax other = stream(t, std::vector<bool>(2, true), 0, 2);
+    const OnlineSoftmax other = stream<false>(t, 0, 2, -1, -kInfF);
     float m = 0.0f;
     const RowMass merged = merge(st, other, &m);
     CHECK_EQ(m, 2.0f);
     CHECK_EQ(merged.total, static_cast<double>(other.total));
   }
 
-  // NaN anywhere (first, middle) marks the row bad.
-  {
-    OnlineSoftmax first;
-    first.add(kNanF, true);
-    first.add(1.0f, true);
-    CHECK(first.bad);
-    CHECK(!fsdfm::row_is_valid(first.m, first.bad));
-    OnlineSoftmax middle;
-    middle.add(1.0f, true);
-    middle.add(kNanF, false);
-    middle.add(2.0f, true);
-    CHECK(middle.bad);
-    CHECK(!fsdfm::row_is_valid(middle.m, middle.bad));
+  // NaN anywhere (a scalar, the first or a later lane of a unit, after -inf only) marks the
+  // row bad.
+  for (const size_t at : {size_t{0}, size_t{1}, size_t{4}, size_t{6}, size_t{8}}) {
+    std::vector<float> s = {-kInfF, -kInfF, 1.0f, -2.0f, 0.5f, 3.0f, -1.0f, 2.0f, 0.0f};
+    s[at] = kNanF;
+    for (const bool threshold : {false, true}) {
+      const OnlineSoftmax st = threshold ? stream<true>(s, 0, s.size(), 3, -1.0f)
+                                         : stream<false>(s, 0, s.size(), 3, -kInfF);
+      CHECK_MSG(st.bad, "NaN at " + std::to_string(at));
+      CHECK(!fsdfm::row_is_valid(st.m, st.bad));
+    }
   }
+  CHECK(fsdfm::max_nan(kNanF, 1.0f) != fsdfm::max_nan(kNanF, 1.0f));
+  CHECK(fsdfm::max_nan(1.0f, kNanF) != fsdfm::max_nan(1.0f, kNanF));
+  CHECK_EQ(fsdfm::max_nan(-kInfF, 1.0f), 1.0f);
+  CHECK_EQ(fsdfm::max_nan(2.0f, 1.0f), 2.0f);
 
   // +inf: the maximum becomes +inf and the row is not a distribution, without a NaN flag.
   {
-    OnlineSoftmax st;
-    st.add(1.0f, true);
-    st.add(kInfF, true);
-    st.add(0.5f, true);
+    const std::vector<float> s = {1.0f, kInfF, 0.5f, 0.25f, 0.0f, 2.0f};
+    const OnlineSoftmax st = stream<false>(s, 0, s.size(), -1, -kInfF);
     CHECK_EQ(st.m, kInfF);
+    CHECK(!st.bad);
     CHECK(!fsdfm::row_is_valid(st.m, st.bad));
   }
 
