@@ -366,10 +366,19 @@ class ExactPosterior:
             factor = torch.where(match, kappa, torch.where(masked, 1 - kappa, 0.0))
         factor = torch.where(self.clean, match.double(), factor)
         post = factor.prod(-1) * self.q.flatten()[None]  # [B, S]
-        post = post / post.sum(-1, keepdim=True)
+        total = post.sum(-1, keepdim=True)
+        # With the mask source a sampler that draws positions independently can reveal tokens
+        # that the law never shows together (total = 0), where the posterior is undefined: the
+        # masked positions then fall back to their prior marginals, and a revealed position is
+        # its own posterior under any law (the mask path reveals x_1 itself).
+        prior = self.q.flatten()[None].expand_as(post)
+        post = torch.where(total > 0, post / total.clamp_min(1e-300), prior)
         onehot = torch.nn.functional.one_hot(self.states, self.V).double()  # [S, L, V]
         marginals = torch.einsum("bs,slv->blv", post, onehot)
         if self.source == "mask":
+            revealed = (x_t != self.V)[..., None]
+            own = torch.nn.functional.one_hot(x_t.clamp_max(self.V - 1), self.V).double()
+            marginals = torch.where(revealed, own, marginals)
             marginals = torch.cat([marginals, torch.zeros_like(marginals[..., :1])], -1)
         return torch.log(marginals).float()
 
@@ -388,7 +397,7 @@ class ExactPosterior:
 
 
 # ----------------------------------------------------------------------------------------------
-# An order-2 Markov chain
+# A random Markov chain (order 1 or 2)
 
 
 class MarkovChain:

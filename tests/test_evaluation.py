@@ -62,6 +62,32 @@ def test_elbo_with_a_uniform_source_is_a_strict_upper_bound(law):
     assert bound["perplexity_bound"] == pytest.approx(torch.tensor(bound["nats_per_token"]).exp())
 
 
+def test_exact_posterior_of_tokens_the_law_never_shows_together():
+    # The checkerboard of 2 x 2 cells on a 4 x 4 grid, and a law whose token 3 never comes
+    # first. With the mask source an independent draw per position can reveal an off-board
+    # pair, or a first token the law never has; the posterior is then undefined, and the
+    # oracle must still give distributions: revealed positions their own token, masked ones
+    # their prior marginal.
+    law = checkerboard_law(4, squares=2)
+    oracle = ExactPosterior(law, "mask")
+    mask = 4
+    off_board = next((a, b) for a in range(4) for b in range(4) if law[a, b] == 0)
+    x_t = torch.tensor([off_board, (0, mask), (mask, mask)])
+    p = oracle(x_t, torch.full((3,), 0.5), None).double().exp()
+    assert torch.allclose(p.sum(-1), torch.ones(3, 2, dtype=torch.float64))
+    assert p[0, 0, off_board[0]] == 1 and p[0, 1, off_board[1]] == 1
+    assert torch.allclose(p[1, 1, :4], law[0] / law[0].sum(), atol=1e-6)  # consistent: as before
+    assert torch.allclose(p[2, :, :4], torch.stack([law.sum(1), law.sum(0)]).double(), atol=1e-6)
+    skewed = law.clone()
+    skewed[3] = 0
+    oracle = ExactPosterior(skewed, "mask")
+    p = oracle(torch.tensor([[3, mask]]), torch.full((1,), 0.5), None).double().exp()
+    assert p[0, 0, 3] == 1
+    prior = skewed.sum(0) / skewed.sum()
+    assert torch.allclose(p[0, 1, :4], prior.double(), atol=1e-6)
+    assert p[..., mask].max() == 0  # the mask token is never predicted
+
+
 @pytest.mark.parametrize("source", ["mask", "uniform"])
 def test_elbo_grows_as_the_model_gets_worse(law, source):
     x = _draw(law, 1000)
