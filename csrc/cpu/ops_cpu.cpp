@@ -138,7 +138,7 @@ int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms
     float allowed = 0.0f;
     for (int64_t x = first; x < first + n; ++x) {
       const float s = to_float(row[x]) * task.inv_temp;
-      if (x != task.excluded && s >= thr) allowed += exp_nonpos(s - m);
+      if (is_allowed(x, s, task.excluded, thr)) allowed += exp_nonpos(s - m);
     }
     masses[g] = allowed;
   }
@@ -161,7 +161,7 @@ int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms
   for (int64_t i = 0; i < n; ++i) {
     const int64_t x = first + i;
     const float s = to_float(row[x]) * task.inv_temp;
-    weights[i] = (x != task.excluded && s >= thr) ? exp_nonpos(s - m) : 0.0f;
+    weights[i] = is_allowed(x, s, task.excluded, thr) ? exp_nonpos(s - m) : 0.0f;
     within_total += weights[i];
   }
   InverseCdf pick_token(u.within, within_total);

@@ -294,9 +294,6 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
     }
     thr = reach_threshold(m, a.barrier);
   }
-  // The allowed set; the same predicate decides the masses (OnlineSoftmax) and the draw.
-  const auto allowed = [&](int x, float s) { return x != excluded && s >= thr; };
-
   OnlineSoftmax st;
   const auto stream = [&](auto threshold) {
     for_each_unit(row, t, [&](int first, const auto& v) {
@@ -416,7 +413,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
     for (int i = 0; i < kVec; ++i) {
       if (i < count) {
         const float si = s[i] * inv_temp;
-        w[i] = allowed(first + i, si) ? exp_nonpos(si - mj) : 0.0f;
+        w[i] = is_allowed(first + i, si, excluded, thr) ? exp_nonpos(si - mj) : 0.0f;
       }
     }
   };

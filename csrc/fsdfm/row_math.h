@@ -79,10 +79,17 @@ FSDFM_HD float max_nan(float a, float b) {
 #endif
 }
 
+// Whether token x with scaled logit s is an allowed destination (the set A above): not the
+// excluded token, and reachable under the threshold thr = reach_threshold(m, barrier). The
+// masses and the draw must use this one predicate, or a group can carry mass and no token.
+FSDFM_HD bool is_allowed(int64_t x, float s, int64_t excluded, float thr) {
+  return x != excluded && s >= thr;
+}
+
 // Running softmax statistics over a stream of scaled logits, with a running maximum m (the
 // one-pass form: earlier sums are rescaled when the maximum grows). `total` sums e^(s - m) over
-// every token, `allowed` over the allowed destinations: tokens other than `excluded` and, when
-// kThreshold, with s >= thr. `bad` records NaN.
+// every token, `allowed` over the allowed destinations (is_allowed). `bad` records NaN. Without
+// kThreshold, thr must be -inf (no barrier): the threshold test is then skipped.
 //
 // Logits arrive in units of N consecutive tokens (one 16-byte load on the GPU). A unit's own
 // maximum comes first, so the sums are rescaled at most once per unit and each token costs one
@@ -127,9 +134,7 @@ struct OnlineSoftmax {
       sum_allowed = 0.0f;
       FSDFM_UNROLL
       for (int i = 0; i < N; ++i) {
-        if (first + i != excluded && (!kThreshold || s[i] >= thr)) {
-          sum_allowed += exp_nonpos(s[i] - m);
-        }
+        if (is_allowed(first + i, s[i], excluded, thr)) sum_allowed += exp_nonpos(s[i] - m);
       }
     }
     total += sum;
