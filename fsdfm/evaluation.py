@@ -20,6 +20,7 @@ with a known answer for the small reproductions of the paper's claim (docs/resul
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -429,42 +430,32 @@ class MarkovChain:
         self.table = w / w.sum(-1, keepdim=True)  # [V]*(k+1): P(c | context)
         self.log_table = self.table.clamp_min(1e-300).log()
         self.vocab_size, self.seq_len, self.order = vocab_size, seq_len, order
-        self._entropy_rate = None
 
-    @property
+    def _transitions(self):
+        """The law [V]*(k+1) of (context, next symbol) at each position i = k+1..L of a sample,
+        propagated exactly from the uniform start."""
+        k, V = self.order, self.vocab_size
+        context = torch.full((V,) * k, V**-k, dtype=torch.float64)
+        for _ in range(self.seq_len - k):
+            joint = context.unsqueeze(-1) * self.table
+            yield joint
+            context = joint.sum(0)  # the next context: (x_{i-k+1}, ..., x_i)
+
+    @functools.cached_property
     def entropy_rate(self) -> float:
-        if self._entropy_rate is None:
-            k, V = self.order, self.vocab_size
-            row_entropy = -(self.table * self.log_table).sum(-1)  # [V]*k
-            context = torch.full((V,) * k, V**-k, dtype=torch.float64)
-            total = 0.0
-            for _ in range(self.seq_len - k):
-                total += float((context * row_entropy).sum())
-                # The law of the next context: (x_{i-k+1}, ..., x_i).
-                joint = context.unsqueeze(-1) * self.table  # [V]*(k+1)
-                context = joint.sum(0)
-            self._entropy_rate = total / (self.seq_len - k)
-        return self._entropy_rate
+        total = sum(float(-(joint * self.log_table).sum()) for joint in self._transitions())
+        return total / (self.seq_len - self.order)
 
-    @property
+    @functools.cached_property
     def pair_law(self) -> torch.Tensor:
         """[V, V]: the law of a pair of neighbours (x_{i-1}, x_i) of a sample, averaged over the
         L - 1 positions i (exact, propagated from the uniform start)."""
-        V, L = self.vocab_size, self.seq_len
-        uniform = torch.full((V,), 1.0 / V, dtype=torch.float64)
-        if self.order == 1:
-            pairs, marginal = torch.zeros(V, V, dtype=torch.float64), uniform
-            for _ in range(L - 1):
-                joint = marginal[:, None] * self.table
-                pairs += joint
-                marginal = joint.sum(0)
-        else:  # the state of the chain is the pair itself
-            state = uniform[:, None] * uniform[None, :]
-            pairs = state.clone()
-            for _ in range(L - 2):
-                state = (state.unsqueeze(-1) * self.table).sum(0)
-                pairs += state
-        return pairs / (L - 1)
+        V = self.vocab_size
+        # Order 2: the first pair is the uniform start, the others end a transition.
+        pairs = torch.full((V, V), V**-2.0, dtype=torch.float64) if self.order == 2 else 0.0
+        for joint in self._transitions():
+            pairs = pairs + joint.reshape(-1, V, V).sum(0)
+        return pairs / (self.seq_len - 1)
 
     def pair_tv(self, tokens: torch.Tensor) -> float:
         """Total variation between the pooled neighbour pairs of samples [n, L] and
