@@ -87,24 +87,49 @@ inline std::optional<at::Tensor> exclusion_of(const std::optional<at::Tensor>& e
   return tokens_of(*exclude, rows, like, "exclude");
 }
 
-// The checked arguments of jump_step and sample_categorical, shared by both devices. For
-// jump_step `tokens` are the current tokens x_t and `rate_scale` / `h` are set; for
-// sample_categorical `tokens` is the optional per-position exclusion (else `exclude_token`).
+// The checked arguments of probs_to_generator, shared by both devices.
+struct GeneratorArgs {
+  at::Tensor probs;
+  RowLayout rows;
+  at::Tensor x_t;         // [B, L] int64
+  at::Tensor rate_scale;  // [B] float32
+};
+
+inline GeneratorArgs generator_args(const at::Tensor& probs, const at::Tensor& x_t,
+                                    const at::Tensor& rate_scale, double barrier) {
+  GeneratorArgs a;
+  a.probs = rows_of(probs, "probs");
+  a.rows = layout_of(a.probs);
+  a.x_t = tokens_of(x_t, a.rows, a.probs, "x_t");
+  a.rate_scale = per_sequence_of(rate_scale, a.rows.B, a.probs, "rate_scale");
+  check_barrier(barrier);
+  return a;
+}
+
+// Which op a draw serves: jump_step (stay at x_t or jump to a token other than x_t) or
+// sample_categorical (one draw, optionally excluding a token).
+enum class DrawMode { kJump, kSample };
+
+// The checked arguments of jump_step and sample_categorical, shared by both devices.
 struct DrawArgs {
+  DrawMode mode;
   at::Tensor logits;
   RowLayout rows;
-  std::optional<at::Tensor> tokens;
-  int64_t exclude_token = -1;
-  std::optional<at::Tensor> rate_scale, h;
+  std::optional<at::Tensor> current;     // kJump: x_t [B, L] int64
+  std::optional<at::Tensor> exclude;     // kSample: the excluded token per position, or none
+  int64_t exclude_token = -1;            // kSample without `exclude`: one id for all, -1 none
+  std::optional<at::Tensor> rate_scale;  // kJump: [B] float32
+  std::optional<at::Tensor> h;           // kJump: [B] float32
 };
 
 inline DrawArgs jump_args(const at::Tensor& logits_in, const at::Tensor& x_t,
                           const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
                           double temperature) {
   DrawArgs a;
+  a.mode = DrawMode::kJump;
   a.logits = rows_of(logits_in, "logits");
   a.rows = layout_of(a.logits);
-  a.tokens = tokens_of(x_t, a.rows, a.logits, "x_t");
+  a.current = tokens_of(x_t, a.rows, a.logits, "x_t");
   a.rate_scale = per_sequence_of(rate_scale, a.rows.B, a.logits, "rate_scale");
   a.h = per_sequence_of(h, a.rows.B, a.logits, "h");
   check_barrier(barrier);
@@ -115,9 +140,10 @@ inline DrawArgs jump_args(const at::Tensor& logits_in, const at::Tensor& x_t,
 inline DrawArgs sample_args(const at::Tensor& logits_in, const std::optional<at::Tensor>& exclude,
                             int64_t exclude_token, double barrier, double temperature) {
   DrawArgs a;
+  a.mode = DrawMode::kSample;
   a.logits = rows_of(logits_in, "logits");
   a.rows = layout_of(a.logits);
-  a.tokens = exclusion_of(exclude, exclude_token, a.rows, a.logits);
+  a.exclude = exclusion_of(exclude, exclude_token, a.rows, a.logits);
   a.exclude_token = exclude_token;
   check_barrier(barrier);
   check_temperature(temperature);

@@ -22,7 +22,6 @@ import json
 import os
 import pickle
 import re
-import uuid
 import zipfile
 from collections import deque
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fsdfm._io import Staging
 from fsdfm.model import GPT2_VOCAB, FSDFMTransformer, ModelConfig, config_from_state_dict
 
 __all__ = ["FORMAT_VERSION", "WEIGHT_CHOICES", "convert", "load", "read_state_dict", "save"]
@@ -389,12 +389,6 @@ def _bpe_file(name: str | None) -> Path | None:
     return file
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write ``model`` to ``directory`` (created if needed): ``model.safetensors`` (the exact
     tensors, in their dtypes) and ``config.json`` (the config, ``tokenizer`` and the format
@@ -430,46 +424,18 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     }
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, **config, "tokenizer": name}
 
-    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_weights = directory / (WEIGHTS_FILE + tag)
-    tmp_config = directory / (CONFIG_FILE + tag)
-    tmp_tokenizer = directory / (TOKENIZER_FILE + tag)
-    try:
+    def write_config(f) -> None:
+        f.write((json.dumps(document, indent=2) + "\n").encode())
+
+    with Staging() as stage:
         if bpe_bytes is not None:
-            tmp_tokenizer.write_bytes(bpe_bytes)
-            fsync_path(tmp_tokenizer)
-            os.replace(tmp_tokenizer, directory / TOKENIZER_FILE)
-        save_file(tensors, str(tmp_weights), metadata=metadata)
-        # safetensors creates its file private (0600); a saved model is as readable as any
-        # file the user writes (0666 less the umask), e.g. when installed for other users.
-        os.chmod(tmp_weights, 0o666 & ~_umask())
-        fsync_path(tmp_weights)
-        with open(tmp_config, "w") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_weights, directory / WEIGHTS_FILE)
-        os.replace(tmp_config, directory / CONFIG_FILE)
-        fsync_path(directory)
-    finally:
-        for tmp in (tmp_weights, tmp_config, tmp_tokenizer):
-            tmp.unlink(missing_ok=True)
+            stage.write(directory / TOKENIZER_FILE, lambda f: f.write(bpe_bytes))
+        stage.write_path(
+            directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+        )
+        stage.write(directory / CONFIG_FILE, write_config)
+        stage.commit()
     return directory
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (so that a rename in it is durable); best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. directories on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def convert(

@@ -8,8 +8,13 @@
     fsdfm eval --model NAME=PATH [--model ...] [--steps 1,2,4,8] [--scorer gpt2-large] ...
 
 Without a subcommand it runs ``fsdfm sample`` (``--watch`` on a terminal): the bundled model
-writes a text in 8 steps.
-User mistakes (a missing file, a bad flag value) end with one line on stderr and exit status 2.
+writes a text in 8 steps. Every subcommand's options are a table of :class:`fsdfm.options.Option`
+(flags, ``--help`` and errors come from it; the training commands' table is
+:data:`fsdfm.train_config.OPTIONS`, which also gives their YAML keys).
+
+User mistakes (a missing file, a bad flag value) end with one line on stderr and exit status 2;
+Ctrl-C ends with one line and status 130; anything else is a bug and keeps its traceback.
+``--debug`` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -18,54 +23,95 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from fsdfm._args import resolve_device
+from fsdfm.checkpoint import WEIGHT_CHOICES
+from fsdfm.options import (
+    Option,
+    Parser,
+    add_options,
+    int_list,
+    non_negative,
+    positive,
+    values,
+)
 from fsdfm.solver import SOLVERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+MODEL = Option(
+    "model",
+    str,
+    "default (the bundled model), a directory written by fsdfm.save, or a released .pth",
+    default="default",
+)
+WEIGHTS = Option(
+    "weights",
+    tuple(WEIGHT_CHOICES),
+    "which model of a released FS-DFM .pth (default: the EMA student)",
+)
+DEVICE = Option("device", ("cpu", "cuda"), "cpu or cuda (default: cuda when available)")
+SEED = Option("seed", int, "random seed (default 0)", default=0)
 
-def _sample(args) -> None:
-    import fsdfm
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    options: tuple[Option, ...]
+    run: Callable[[dict], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# fsdfm sample
+
+
+def _sample(o: dict) -> None:
     from fsdfm.checkpoint import load
+    from fsdfm.generation import generate
     from fsdfm.tokenizer import get_tokenizer
 
-    device = _device(args.device)
-    model = load(args.model, weights=args.weights, device=device)
-    name = args.tokenizer or getattr(model, "tokenizer_name", None)
+    device = resolve_device(o["device"], "--device")
+    model = load(o["model"], weights=o["weights"], device=device)
+    name = o["tokenizer"] or getattr(model, "tokenizer_name", None)
     if name is None:
-        raise ValueError(f"{args.model} names no tokenizer: pass --tokenizer")
+        raise ValueError(f"{o['model']} names no tokenizer: pass --tokenizer")
     tokenizer = get_tokenizer(name)
-    length = args.length or model.config.seq_len
+    length = o["length"] or model.config.seq_len
     if not 1 <= length <= model.config.seq_len:
         raise ValueError(f"--length must be in [1, {model.config.seq_len}], got {length}")
-    watch = _Watch(tokenizer, args.steps, args.watch_delay) if args.watch else None
+    watch = _Watch(tokenizer, o["steps"], o["watch_delay"]) if o["watch"] else None
     start = time.perf_counter()
-    texts = fsdfm.generate(
+    texts = generate(
         model,
         tokenizer,
-        args.prompt,
-        steps=args.steps,
+        o["prompt"],
+        steps=o["steps"],
         max_length=length,
-        num_return_sequences=args.n,
-        seed=args.seed,
-        temperature=args.temperature,
-        barrier=args.barrier,
-        solver=args.solver,
-        progress=args.progress and not args.watch,
+        num_return_sequences=o["n"],
+        seed=o["seed"],
+        temperature=o["temperature"],
+        barrier=o["barrier"],
+        solver=o["solver"],
+        progress=o["progress"] and not o["watch"],
         callback=watch,
     )
-    if device == "cuda":
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     for i, text in enumerate(texts):
         if len(texts) > 1:
             print(f"=== sample {i + 1}")
         print(text)
-    tokens = args.n * length
+    tokens = o["n"] * length
     print(
-        f"{args.n} x {length} tokens in {args.steps} steps ({args.solver}) on {device}: "
+        f"{o['n']} x {length} tokens in {o['steps']} steps ({o['solver']}) on {device.type}: "
         f"{seconds:.2f} s, {tokens / seconds:.0f} tokens/s",
         file=sys.stderr,
     )
@@ -98,28 +144,101 @@ class _Watch:
         time.sleep(self.delay)
 
 
-def _convert(args) -> None:
+SAMPLE = Command(
+    "sample",
+    "generate text with a model",
+    "Generate text in a few steps and print it; time and tokens/s go to stderr. The same seed "
+    "gives the same text.",
+    (
+        Option("prompt", str, "text to continue (a frozen prefix)", positional=True),
+        MODEL,
+        WEIGHTS,
+        Option(
+            "tokenizer",
+            str,
+            "override the tokenizer the checkpoint names: gpt2, byte or a BPE tokenizer.json",
+        ),
+        Option("steps", int, "model calls (default 8)", default=8, check=positive),
+        Option(
+            "length",
+            int,
+            "tokens per sample, prompt included (default: the model's length)",
+            check=positive,
+        ),
+        Option("n", int, "number of samples (default 1)", default=1, short="-n", check=positive),
+        SEED,
+        Option(
+            "temperature", float, "softmax temperature (default 1)", default=1.0, check=positive
+        ),  # fmt: skip
+        Option(
+            "barrier",
+            float,
+            "energy barrier: only tokens with p >= max p * e^-barrier (default inf)",
+            default=math.inf,
+            check=non_negative,
+        ),
+        Option(
+            "solver",
+            SOLVERS,
+            "cumulative = FS-DFM (default), euler, or dfm (the 1024-step baseline)",
+            default="cumulative",
+        ),
+        DEVICE,
+        Option("progress", bool, "show a progress bar over the steps", default=False),
+        Option("watch", bool, "show the first text changing step by step (stderr)", default=False),
+        Option(
+            "watch_delay", float, "seconds between frames (0.4)", default=0.4, check=non_negative
+        ),  # fmt: skip
+    ),
+    _sample,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# fsdfm convert
+
+
+def _convert(o: dict) -> None:
     from fsdfm.checkpoint import convert
 
-    out = convert(args.src, args.out, weights=args.weights, dtype=DTYPES.get(args.dtype))
+    out = convert(o["src"], o["out"], weights=o["weights"], dtype=DTYPES.get(o["dtype"]))
     print(f"wrote {out}", file=sys.stderr)
 
 
-def _bench(args) -> None:
-    import fsdfm
+CONVERT = Command(
+    "convert",
+    "turn a released .pth into a safetensors directory",
+    "Load a released FS-DFM / DFM .pth (weights_only: nothing in it is executed) and write "
+    "model.safetensors + config.json.",
+    (
+        Option("src", str, "the .pth file", positional=True, required=True),
+        Option("out", str, "the output directory", positional=True, required=True),
+        WEIGHTS,
+        Option("dtype", tuple(DTYPES), "cast the weights (default: keep)"),
+    ),
+    _convert,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# fsdfm bench
+
+
+def _bench(o: dict) -> None:
     from fsdfm import ops
     from fsdfm.checkpoint import load
+    from fsdfm.solver import sample
 
-    device = _device(args.device)
+    device = resolve_device(o["device"], "--device")
     if not ops.native_available(device):
         raise ValueError(
             f"the native kernels for {device} are not built (pip install --no-build-isolation -e .)"
         )
-    model = load(args.model, weights=args.weights, device=device).eval()
-    B, L, V = args.n, args.length or model.config.seq_len, model.config.vocab_size
+    model = load(o["model"], weights=o["weights"], device=device).eval()
+    B, L, V = o["n"], o["length"] or model.config.seq_len, model.config.vocab_size
     if L > model.config.seq_len:
         raise ValueError(f"--length must be at most the model's {model.config.seq_len}, got {L}")
-    g = torch.Generator(device).manual_seed(args.seed)
+    g = torch.Generator(device).manual_seed(o["seed"])
     logits = torch.randn(B, L, V, device=device, generator=g) * 3
     x_t = torch.randint(0, V, (B, L), device=device, generator=g)
 
@@ -127,13 +246,13 @@ def _bench(args) -> None:
         """Median seconds of --repeats calls of fn(*fn_args, **fn_kwargs) after a warm-up."""
         fn(*fn_args, **fn_kwargs)
         times = []
-        for _ in range(args.repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
+        for _ in range(o["repeats"]):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             fn(*fn_args, **fn_kwargs)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
 
@@ -149,30 +268,86 @@ def _bench(args) -> None:
         "jump_step": ((logits, x_t, 2.0, 0.125), {"generator": g}),
         "sample_categorical": ((logits,), {"generator": g}),
     }
-    print(f"fsdfm bench on {device}: [B, L, V] = [{B}, {L}, {V}], median of {args.repeats}")
+    print(f"fsdfm bench on {device.type}: [B, L, V] = [{B}, {L}, {V}], median of {o['repeats']}")
     print(f"{'':<34}{'native':>12}{'reference':>12}{'ratio':>8}")
     for name, (op_args, op_kwargs) in cases.items():
         native = timed(getattr(ops, name), *op_args, **op_kwargs)
         reference = timed(getattr(ops, name + "_ref"), *op_args, **op_kwargs)
         row(name, native, reference)
-    for steps in args.steps:
+    for steps in o["steps"]:
         kwargs = {"batch_size": B, "seq_len": L, "generator": g}
-        native = timed(fsdfm.sample, model, steps, backend="native", **kwargs)
-        reference = timed(fsdfm.sample, model, steps, backend="reference", **kwargs)
+        native = timed(sample, model, steps, backend="native", **kwargs)
+        reference = timed(sample, model, steps, backend="reference", **kwargs)
         row(f"sample, {steps} steps ({B * L / native:.0f} tok/s)", native, reference)
 
 
-def _pretrain(args) -> None:
-    from fsdfm import training
+BENCH = Command(
+    "bench",
+    "time the kernels and whole generations, native vs reference",
+    "Time the per-step ops (probs_to_generator, jump_step, sample_categorical) on logits of the "
+    "model's shape and whole generations with fsdfm.sample, each with the native kernels and "
+    "with the PyTorch references, side by side. benchmarks/ holds the pytest-benchmark suite "
+    "with bytes moved and GB/s.",
+    (
+        Option("model", str, "default (the bundled model) or a model path", default="default"),
+        WEIGHTS,
+        Option("steps", int_list, "comma-separated step counts (default 8)", default=(8,)),
+        Option("n", int, "sequences per batch (default 1)", default=1, short="-n", check=positive),
+        Option("length", int, "tokens (default: the model's)", check=positive),
+        Option("repeats", int, "timed calls (default 3)", default=3, check=positive),
+        SEED,
+        DEVICE,
+    ),
+    _bench,
+)
 
-    training.main(args, "pretrain")
+
+# ----------------------------------------------------------------------------------------------
+# fsdfm pretrain / distill
 
 
-def _distill(args) -> None:
-    from fsdfm import training
+def _train(mode: str) -> Callable[[dict], None]:
+    def run(o: dict) -> None:
+        from fsdfm.train_config import config_from_sources
+        from fsdfm.training import train
 
-    training.main(args, "distill")
+        flags = {k: v for k, v in o.items() if k != "config" and v is not None}
+        train(config_from_sources(mode, o["config"], flags))
 
+    return run
+
+
+def _train_options(mode: str) -> tuple[Option, ...]:
+    """--config and the options of ``mode``, kept as text: config_from_sources converts them
+    (with the YAML file's values under them), so these options carry no kind of their own."""
+    from fsdfm.train_config import OPTIONS
+
+    config = Option("config", str, "options as YAML (underscored keys); flags win",
+                    metavar="FILE.yaml")  # fmt: skip
+    return (config, *(option for option, modes in OPTIONS.values() if mode in modes))
+
+
+PRETRAIN = Command(
+    "pretrain",
+    "pre-train a DFM teacher on text",
+    "Pre-train a DFM model (SPEC 4.1) into --out: model/ (fsdfm.load), state.pt, config.yaml, "
+    "metrics.jsonl. Re-running on the same --out resumes; under torchrun the processes share "
+    "the global batch.",
+    _train_options("pretrain"),
+    _train("pretrain"),
+)
+DISTILL = Command(
+    "distill",
+    "distil a DFM teacher into a few-step FS-DFM student",
+    "FS-DFM distillation (SPEC 4.2): the student starts from --teacher and learns steps of "
+    "every size from a shortcut teacher (rk4 or heun) built from its own EMA.",
+    _train_options("distill"),
+    _train("distill"),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# fsdfm eval
 
 NO_SCORER_NOTE = (
     "No --scorer was given, so these rows report entropy only: the quality of generated text "
@@ -184,8 +359,6 @@ NO_SCORER_NOTE = (
 
 def _named_models(specs: list[str]) -> dict[str, str]:
     """NAME=PATH (or PATH, named after its last component) -> {name: path}."""
-    from pathlib import Path
-
     named = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -199,274 +372,161 @@ def _named_models(specs: list[str]) -> dict[str, str]:
     return named
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"step counts must be positive, got {text}")
-    return values
+def _solver_list(text: str) -> tuple[str, ...]:
+    solvers = tuple(text.split(","))
+    bad = [s for s in solvers if s not in SOLVERS]
+    if bad:
+        raise ValueError(f"must be some of {', '.join(SOLVERS)}; got {', '.join(bad)}")
+    return solvers
 
 
-def _eval(args) -> None:
+def _eval(o: dict) -> None:
     from fsdfm.checkpoint import load
     from fsdfm.evaluation import gen_ppl_metric, markdown_table, sweep, write_results
 
-    solvers = tuple(args.solvers.split(","))
-    bad = [s for s in solvers if s not in SOLVERS]
-    if bad:
-        raise ValueError(f"--solvers must be some of {', '.join(SOLVERS)}; got {', '.join(bad)}")
-    device = _device(args.device)
+    device = resolve_device(o["device"], "--device")
     models = {
-        name: load(path, weights=args.weights, device=device).eval()
-        for name, path in _named_models(args.model).items()
+        name: load(path, weights=o["weights"], device=device).eval()
+        for name, path in _named_models(o["model"]).items()
     }
     for name, model in models.items():
-        if args.length is not None and args.length > model.config.seq_len:
-            raise ValueError(f"--length {args.length} exceeds {name}'s seq_len")
+        if o["length"] is not None and o["length"] > model.config.seq_len:
+            raise ValueError(f"--length {o['length']} exceeds {name}'s seq_len")
     metric_fns = {}
-    if args.scorer:
+    if o["scorer"]:
         metric_fns["gen_ppl"] = gen_ppl_metric(
-            args.scorer, batch_size=args.batch_size, device=device
+            o["scorer"], batch_size=o["batch_size"], device=device
         )
     else:
         print(f"fsdfm eval: note: {NO_SCORER_NOTE}", file=sys.stderr)
     rows = sweep(
         models,
-        steps=args.steps,
-        solvers=solvers,
-        n_samples=args.n,
-        batch_size=args.batch_size,
+        steps=o["steps"],
+        solvers=o["solvers"],
+        n_samples=o["n"],
+        batch_size=o["batch_size"],
         metric_fns=metric_fns,
-        seed=args.seed,
+        seed=o["seed"],
         progress=True,
-        sample_kwargs={"seq_len": args.length} if args.length else None,
+        sample_kwargs={"seq_len": o["length"]} if o["length"] else None,
         device=device,
     )
-    note = f"Scorer: {args.scorer}." if args.scorer else NO_SCORER_NOTE
+    note = f"Scorer: {o['scorer']}." if o["scorer"] else NO_SCORER_NOTE
     paths = write_results(
-        rows, args.out, quality="gen_ppl" if args.scorer else None, title="fsdfm eval", note=note
+        rows, o["out"], quality="gen_ppl" if o["scorer"] else None, title="fsdfm eval", note=note
     )
     print(markdown_table(rows), end="")
     print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}", file=sys.stderr)
 
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
-def _add_weights(parser: argparse.ArgumentParser) -> None:
-    from fsdfm.checkpoint import WEIGHT_CHOICES
-
-    parser.add_argument(
-        "--weights",
-        choices=list(WEIGHT_CHOICES),
-        default=None,
-        help="which model of a released FS-DFM .pth (default: the EMA student)",
-    )
-
-
-def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
-    )
-
-
-def _device(requested: str | None) -> str:
-    """The device to run on: cuda when available unless told; a clear error if it is not."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsdfm", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command")
-
-    s = sub.add_parser(
-        "sample",
-        help="generate text with a model",
-        description="Generate text in a few steps and print it; time and "
-        "tokens/s go to stderr. The same seed gives the same text.",
-    )
-    s.add_argument("prompt", nargs="?", default=None, help="text to continue (a frozen prefix)")
-    s.add_argument(
-        "--model",
-        default="default",
-        help="default (the bundled model), a directory written by fsdfm.save, or a released .pth",
-    )
-    _add_weights(s)
-    s.add_argument(
-        "--tokenizer",
-        default=None,
-        help="override the tokenizer the checkpoint names: gpt2, byte or a BPE tokenizer.json",
-    )
-    s.add_argument("--steps", type=_positive(int), default=8, help="model calls (default 8)")
-    s.add_argument(
-        "--length",
-        type=_positive(int),
-        default=None,
-        help="tokens per sample, prompt included (default: the model's length)",
-    )
-    s.add_argument("-n", type=_positive(int), default=1, help="number of samples (default 1)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument(
-        "--temperature", type=_positive(float), default=1.0, help="softmax temperature (default 1)"
-    )
-    s.add_argument(
-        "--barrier",
-        type=float,
-        default=math.inf,
-        help="energy barrier: only tokens with p >= max p * e^-barrier (default inf)",
-    )
-    s.add_argument(
-        "--solver",
-        choices=list(SOLVERS),
-        default="cumulative",
-        help="cumulative = FS-DFM (default), euler, or dfm (the 1024-step baseline)",
-    )
-    _add_device(s)
-    s.add_argument("--progress", action="store_true", help="show a progress bar over the steps")
-    s.add_argument(
-        "--watch", action="store_true", help="show the first text changing step by step (stderr)"
-    )
-    s.add_argument(
-        "--watch-delay", type=_non_negative, default=0.4, help="seconds between frames (0.4)"
-    )
-    s.set_defaults(run=_sample)
-
-    c = sub.add_parser(
-        "convert",
-        help="turn a released .pth into a safetensors directory",
-        description="Load a released FS-DFM / DFM .pth (weights_only: nothing in "
-        "it is executed) and write model.safetensors + config.json.",
-    )
-    c.add_argument("src", help="the .pth file")
-    c.add_argument("out", help="the output directory")
-    _add_weights(c)
-    c.add_argument(
-        "--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: keep)"
-    )
-    c.set_defaults(run=_convert)
-
-    b = sub.add_parser(
-        "bench",
-        help="time the kernels and whole generations, native vs reference",
-        description="Time the per-step ops (probs_to_generator, jump_step, sample_categorical) "
-        "on logits of the model's shape and whole generations with fsdfm.sample, each with the "
-        "native kernels and with the PyTorch references, side by side. benchmarks/ holds the "
-        "pytest-benchmark suite with bytes moved and GB/s.",
-    )
-    b.add_argument("--model", default="default", help="default (the bundled model) or a model path")
-    _add_weights(b)
-    b.add_argument(
-        "--steps", type=_int_list, default=(8,), help="comma-separated step counts (default 8)"
-    )
-    b.add_argument("-n", type=_positive(int), default=1, help="sequences per batch (default 1)")
-    b.add_argument(
-        "--length", type=_positive(int), default=None, help="tokens (default: the model's)"
-    )
-    b.add_argument("--repeats", type=_positive(int), default=3, help="timed calls (default 3)")
-    b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _add_device(b)
-    b.set_defaults(run=_bench)
-
-    from fsdfm.training import add_arguments
-
-    p = sub.add_parser(
-        "pretrain",
-        help="pre-train a DFM teacher on text",
-        description="Pre-train a DFM model (SPEC 4.1) into --out: model/ (fsdfm.load), "
-        "state.pt, config.yaml, metrics.jsonl. Re-running on the same --out resumes; under "
-        "torchrun the processes share the global batch.",
-    )
-    add_arguments(p, "pretrain")
-    p.set_defaults(run=_pretrain)
-
-    t = sub.add_parser(
-        "distill",
-        help="distil a DFM teacher into a few-step FS-DFM student",
-        description="FS-DFM distillation (SPEC 4.2): the student starts from --teacher and learns "
-        "steps of every size from a shortcut teacher (rk4 or heun) built from its own EMA.",
-    )
-    add_arguments(t, "distill")
-    t.set_defaults(run=_distill)
-
+def _eval_command() -> Command:
     from fsdfm.evaluation import STEPS
 
-    e = sub.add_parser(
+    options = (
+        Option(
+            "model",
+            str,
+            "a model to evaluate (a directory of fsdfm.save or a released .pth); repeatable",
+            repeat=True,
+            required=True,
+            metavar="NAME=PATH",
+        ),
+        WEIGHTS,
+        Option(
+            "steps", int_list, "comma-separated step counts (default 1,2,4,...,1024)", default=STEPS
+        ),  # fmt: skip
+        Option(
+            "solvers",
+            _solver_list,
+            "comma-separated (default cumulative,dfm)",
+            default=("cumulative", "dfm"),
+            metavar="SOLVERS",
+        ),  # fmt: skip
+        Option(
+            "n", int, "samples per setting (default 16)", default=16, short="-n", check=positive
+        ),  # fmt: skip
+        Option("batch_size", int, "samples per call (default 16)", default=16, check=positive),
+        Option("length", int, "tokens per sample (default: the model's length)", check=positive),
+        Option(
+            "scorer",
+            str,
+            "a transformers causal LM name or path for generative perplexity (e.g. gpt2-large)",
+        ),
+        Option("out", str, "output directory (default ./eval)", default="eval"),
+        SEED,
+        DEVICE,
+    )
+    return Command(
         "eval",
-        help="sample quality and entropy against the number of steps",
-        description="Sample from each model with each solver at each step count and score the "
-        "samples: generative perplexity under --scorer (a transformers causal LM) and the mean "
-        "unigram entropy. Writes results.json, results.md and results.png into --out and prints "
-        "the table.",
+        "sample quality and entropy against the number of steps",
+        "Sample from each model with each solver at each step count and score the samples: "
+        "generative perplexity under --scorer (a transformers causal LM) and the mean unigram "
+        "entropy. Writes results.json, results.md and results.png into --out and prints the "
+        "table.",
+        options,
+        _eval,
     )
-    e.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        metavar="NAME=PATH",
-        help="a model to evaluate (a directory of fsdfm.save or a released .pth); repeatable",
-    )
-    _add_weights(e)
-    e.add_argument(
-        "--steps",
-        type=_int_list,
-        default=STEPS,
-        help="comma-separated step counts (default 1,2,4,...,1024)",
-    )
-    e.add_argument(
-        "--solvers", default="cumulative,dfm", help="comma-separated (default cumulative,dfm)"
-    )
-    e.add_argument("-n", type=_positive(int), default=16, help="samples per setting (default 16)")
-    e.add_argument(
-        "--batch-size", type=_positive(int), default=16, help="samples per call (default 16)"
-    )
-    e.add_argument(
-        "--length",
-        type=_positive(int),
-        default=None,
-        help="tokens per sample (default: the model's length)",
-    )
-    e.add_argument(
-        "--scorer",
-        default=None,
-        help="a transformers causal LM name or path for generative perplexity (e.g. gpt2-large)",
-    )
-    e.add_argument("--out", default="eval", help="output directory (default ./eval)")
-    e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _add_device(e)
-    e.set_defaults(run=_eval)
+
+
+COMMANDS = {c.name: c for c in (SAMPLE, CONVERT, BENCH, PRETRAIN, DISTILL, _eval_command())}
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="fsdfm", description=__doc__.split("\n")[0])
+    debug = {"action": "store_true", "help": "show the traceback of every error"}
+    parser.add_argument("--debug", **debug)
+    sub = parser.add_subparsers(dest="command")
+    for command in COMMANDS.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.description)
+        add_options(p, command.options)
+        p.add_argument("--debug", default=argparse.SUPPRESS, **debug)
     return parser
 
 
+def _options_of(command: Command, namespace) -> dict:
+    given = {k: v for k, v in vars(namespace).items() if k not in ("command", "debug")}
+    if command.name in ("pretrain", "distill"):  # converted by config_from_sources
+        return {option.name: given.get(option.name) for option in command.options}
+    return values(command.options, given)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:  # the main job: generate with the bundled model
-        args = parser.parse_args(["sample", "--watch"] if sys.stderr.isatty() else ["sample"])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    named = [word for word in argv if word in COMMANDS]
+    name = f"fsdfm {named[0]}" if named else "fsdfm"
     try:
-        args.run(args)
-    # User mistakes (bad values, missing or unwritable files, a missing optional package) end
-    # in one line; anything else is a bug and keeps its traceback.
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
-        print(f"fsdfm {args.command}: error: {error}", file=sys.stderr)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # the main job: generate with the bundled model
+            watch = ["--watch"] if sys.stderr.isatty() else []
+            args = parser.parse_args([*(["--debug"] if debug else []), "sample", *watch])
+        name = f"fsdfm {args.command}"
+        command = COMMANDS[args.command]
+        command.run(_options_of(command, args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    # User mistakes (bad values, missing or unwritable files, a missing optional package, a
+    # device out of memory) end in one line; anything else is a bug and keeps its traceback.
+    except (ValueError, OSError, ImportError, torch.cuda.OutOfMemoryError) as error:
+        if debug:
+            raise
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
+    except Exception:
+        print(
+            f"{name}: internal error; please report it with the command line and this "
+            "traceback (--debug shows the traceback of user errors too)",
+            file=sys.stderr,
+        )
+        raise
     return 0
 
 

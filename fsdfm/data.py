@@ -39,14 +39,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fsdfm.checkpoint import fsync_path
+from fsdfm._io import Staging
 
 __all__ = [
     "TOKEN_FORMAT",
@@ -107,19 +106,19 @@ def write_token_file(
     if path.suffix != ".bin":
         raise ValueError(f"a token file is written as .bin, got {path}")
     dtype = _token_dtype(vocab_size)
-    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_bin, tmp_json = path.with_name(path.name + tag), path.with_name(path.name + tag + ".json")
     count = 0
-    try:
-        with open(tmp_bin, "wb") as f:
-            for ids in documents:
-                array = np.asarray(ids, dtype=np.int64)
-                if array.size and (array.min() < 0 or array.max() >= vocab_size):
-                    raise ValueError(f"token ids outside [0, {vocab_size}) for {tokenizer}")
-                array.astype(_DTYPES[dtype]).tofile(f)
-                count += int(array.size)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def write_tokens(f) -> None:
+        nonlocal count
+        for ids in documents:
+            array = np.asarray(ids, dtype=np.int64)
+            if array.size and (array.min() < 0 or array.max() >= vocab_size):
+                raise ValueError(f"token ids outside [0, {vocab_size}) for {tokenizer}")
+            array.astype(_DTYPES[dtype]).tofile(f)
+            count += int(array.size)
+
+    with Staging() as stage:
+        stage.write(path, write_tokens)
         meta = {
             "format": TOKEN_FORMAT,
             "version": TOKEN_FORMAT_VERSION,
@@ -128,17 +127,9 @@ def write_token_file(
             "vocab_size": vocab_size,
             "num_tokens": count,
         }
-        with open(tmp_json, "w") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_bin, path)  # the sidecar goes last: it marks the file complete
-        os.replace(tmp_json, _sidecar(path))
-        fsync_path(path.parent)
-    finally:
-        tmp_bin.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
+        sidecar = (json.dumps(meta, indent=2) + "\n").encode()
+        stage.write(_sidecar(path), lambda f: f.write(sidecar))
+        stage.commit()  # in order: the sidecar goes last, it marks the file complete
     return path
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fsdfm.solver import model_device, sample
+from fsdfm._args import model_device, positive_int
+from fsdfm.solver import sample
 
 
 def generate(
@@ -34,14 +35,7 @@ def generate(
     prompts = [prompt] if prompt is None or isinstance(prompt, str) else list(prompt)
     if not prompts or not all(p is None or isinstance(p, str) for p in prompts):
         raise TypeError("prompt must be a string, a non-empty list of strings, or None")
-    if (
-        isinstance(num_return_sequences, bool)
-        or not isinstance(num_return_sequences, int)
-        or num_return_sequences < 1
-    ):
-        raise ValueError(
-            f"num_return_sequences must be a positive integer, got {num_return_sequences!r}"
-        )
+    positive_int(num_return_sequences, "num_return_sequences")
     config = getattr(model, "config", None)
     length = max_length if max_length is not None else getattr(config, "seq_len", None)
     if length is None:

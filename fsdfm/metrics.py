@@ -16,6 +16,10 @@ from collections.abc import Callable
 
 import torch
 
+from fsdfm._args import model_device, positive_int, resolve_device
+from fsdfm.losses import generalized_kl
+from fsdfm.path import MixturePath, PolynomialSchedule, check_source, sample_source
+
 
 def _check_tokens(tokens: torch.Tensor, name: str = "tokens") -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64 or tokens.dim() != 2:
@@ -67,9 +71,8 @@ def generative_perplexity(
     tokens = _check_tokens(tokens)
     if tokens.shape[1] < 2:
         raise ValueError("samples need at least 2 tokens: the first one is not scored")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    positive_int(batch_size, "batch_size")
+    device = resolve_device(device)
     lm = load_scorer(lm, device)
     vocab = getattr(getattr(lm, "config", None), "vocab_size", None)
     if vocab is not None and int(tokens.max()) >= vocab:
@@ -131,7 +134,6 @@ def total_variation(tokens: torch.Tensor, law: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def elbo(
     model: Callable,
     tokens: torch.Tensor,
@@ -150,7 +152,7 @@ def elbo(
 
         -ln p_model(x_1) <= integral over t in [0, 1] of E_{x_t ~ p_t(. | x_1)} sum_i l_i(t),
 
-    with l the generalized KL of :func:`fsdfm.training.generalized_kl`, which is exactly the KL
+    with l the generalized KL of :func:`fsdfm.losses.generalized_kl`, which is exactly the KL
     rate between the conditional path's jump process and the model's (rates kappa_dot/(1 - kappa)
     (delta_{x_1} - delta_{x_t}) against kappa_dot/(1 - kappa) (p_theta - delta_{x_t})); both
     start from the same source, so the path KL bounds -ln p_model(x_1), where p_model is the law
@@ -171,17 +173,11 @@ def elbo(
     Returns {"nats_per_token", "perplexity_bound" (= exp of it), "per_time" [n_times] (the
     integrand per token at each t_k), "times"}.
     """
-    from fsdfm.path import MixturePath, PolynomialSchedule, check_source, sample_source
-    from fsdfm.solver import model_device
-    from fsdfm.training import generalized_kl
-
     tokens = _check_tokens(tokens)
-    if isinstance(n_times, bool) or not isinstance(n_times, int) or n_times < 1:
-        raise ValueError(f"n_times must be a positive integer, got {n_times!r}")
+    positive_int(n_times, "n_times")
     if not 0 < h <= 1:
         raise ValueError(f"h must be in (0, 1], got {h!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    positive_int(batch_size, "batch_size")
     config = getattr(model, "config", None)
     source = source or getattr(config, "source", None) or "uniform"
     check_source(source)

@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsdfm import path
+from fsdfm._args import per_sequence
+
 __all__ = [
     "PRESETS",
     "FSDFMTransformer",
@@ -43,7 +46,6 @@ __all__ = [
     "sinusoidal_embedding",
 ]
 
-SOURCES = ("uniform", "mask")
 GPT2_VOCAB = 50257  # GPT-2's vocabulary: the released models' output size (uniform source)
 FREQ_DIM = 256  # width of the sinusoidal embedding phi
 ROTARY_BASE = 10000.0
@@ -97,8 +99,10 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.step_conditioned must be a bool, got {self.step_conditioned!r}"
             )
-        if self.source not in SOURCES:
-            raise ValueError(f"ModelConfig.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source not in path.SOURCES:
+            raise ValueError(
+                f"ModelConfig.source must be one of {path.SOURCES}, got {self.source!r}"
+            )
         if self.source == "mask" and self.vocab_size < 2:
             raise ValueError("a mask source needs vocab_size >= 2 (V real tokens + the mask)")
 
@@ -109,12 +113,12 @@ class ModelConfig:
     @property
     def mask_id(self) -> int | None:
         """The mask token's id (the last index) with a mask source, else None."""
-        return self.vocab_size - 1 if self.source == "mask" else None
+        return path.mask_id(self.source, self.vocab_size)
 
     @property
     def real_vocab_size(self) -> int:
         """V, the number of real tokens (vocab_size without the mask token)."""
-        return self.vocab_size - 1 if self.source == "mask" else self.vocab_size
+        return path.real_vocab_size(self.source, self.vocab_size)
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -160,6 +164,10 @@ PRESETS: dict[str, ModelConfig] = {
     "0.17B": ModelConfig(dim=768, n_blocks=12, n_heads=12, cond_dim=128),
     "1.3B": ModelConfig(dim=2048, n_blocks=21, n_heads=32, cond_dim=256),
     "1.7B": ModelConfig(dim=2048, n_blocks=28, n_heads=32, cond_dim=256),
+    # The synthetic problems of docs/results.md (fsdfm.synthetic): pairs on a checkerboard and
+    # Markov chains of 128 symbols, CPU-sized.
+    "toy-pairs": ModelConfig(dim=64, n_blocks=2, n_heads=1, cond_dim=32, seq_len=2),
+    "toy-chain": ModelConfig(dim=128, n_blocks=2, n_heads=2, cond_dim=64, seq_len=128),
 }
 
 
@@ -401,14 +409,14 @@ class FSDFMTransformer(nn.Module):
             if lo < 0 or hi >= cfg.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"x_t holds token id {bad}, outside [0, {cfg.vocab_size})")
-        t = _as_batch(t, B, device, "t")
+        t = per_sequence(t, B, device, "t", move=True)
         if cfg.step_conditioned:
             if h is None:
                 raise ValueError(
                     "this model is step-conditioned (an FS-DFM student): pass h, the step size, "
                     "as model(x_t, t, h)"
                 )
-            h = _as_batch(h, B, device, "h")
+            h = per_sequence(h, B, device, "h", move=True)
         else:
             h = None  # a teacher ignores the step size
         return t, h
@@ -443,21 +451,6 @@ class FSDFMTransformer(nn.Module):
                 x = block(x, cos, sin, c, cast)
             logits = self.output_layer(x, c, cast)
         return logits.float()
-
-
-def _as_batch(s, B: int, device: torch.device, name: str) -> Tensor:
-    """A float, 0-d or [B] tensor -> float32 [B] on ``device`` (no synchronisation)."""
-    if isinstance(s, Tensor):
-        if s.dim() == 0:
-            s = s.expand(B)
-        if s.shape != (B,):
-            raise ValueError(
-                f"{name} must be a float or a tensor [B] = [{B}], got shape {tuple(s.shape)}"
-            )
-        return s.to(device=device, dtype=torch.float32)
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
-        raise TypeError(f"{name} must be a float or a tensor [B], got {type(s).__name__}")
-    return torch.full((B,), float(s), dtype=torch.float32, device=device)
 
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")

@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from fsdfm._args import per_sequence
+
 try:
     from fsdfm import _C  # noqa: F401  (registers torch.ops.fsdfm.*)
 
@@ -41,7 +43,9 @@ except ImportError as error:  # the extension is not built
     _IMPORT_ERROR = error
 
 __all__ = [
+    "BACKENDS",
     "InvalidRowsError",
+    "Kernels",
     "check_scalars",
     "check_token_range",
     "jump_step",
@@ -55,6 +59,7 @@ __all__ = [
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 INVALID_TOKEN = -1
+BACKENDS = ("auto", "native", "reference")
 
 
 def native_available(device: torch.device | str | None = None) -> bool:
@@ -113,29 +118,6 @@ def check_token_range(x: torch.Tensor, V: int, name: str) -> None:
         raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {V})")
 
 
-def _per_sequence(
-    v: float | torch.Tensor, B: int, device: torch.device, name: str, *, positive: bool = False
-) -> torch.Tensor:
-    """A float or [B] tensor as a float32 [B] tensor on ``device``."""
-    if isinstance(v, torch.Tensor):
-        if not v.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating-point [B] tensor, got {v.dtype}")
-        if v.dim() == 0:
-            v = v.expand(B)
-        if tuple(v.shape) != (B,):
-            raise ValueError(
-                f"{name} must be a float or have shape [B] = [{B}], got {tuple(v.shape)}"
-            )
-        if v.device != device:
-            raise ValueError(f"{name} is on {v.device} but the logits are on {device}")
-        return v.to(torch.float32).contiguous()
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a float or a [B] tensor, got {type(v).__name__}")
-    if math.isnan(v) or (positive and v < 0):
-        raise ValueError(f"{name} must be {'>= 0' if positive else 'a number'}, got {v}")
-    return torch.full((B,), float(v), dtype=torch.float32, device=device)
-
-
 def check_scalars(barrier: float, temperature: float) -> None:
     if not isinstance(barrier, (int, float)) or math.isnan(barrier) or barrier < 0:
         raise ValueError(f"barrier must be >= 0 (math.inf disables it), got {barrier!r}")
@@ -170,6 +152,9 @@ def _exclusion(
     return None, exclude
 
 
+_NOTHING_LEFT = "leaves no token to draw (all excluded or unreachable)"
+
+
 class InvalidRowsError(ValueError):
     """Rows of logits that give no distribution to sample from (NaN, +inf, all -inf, or
     nothing left after the barrier and the exclusion)."""
@@ -202,8 +187,8 @@ def _prepare_jump(logits, x_t, rate_scale, h, barrier, temperature, generator, v
     _check_generator(generator, logits.device)
     if validate:
         check_token_range(x_t, V, "x_t")
-    rate_scale = _per_sequence(rate_scale, B, logits.device, "rate_scale")
-    h = _per_sequence(h, B, logits.device, "h", positive=True)
+    rate_scale = per_sequence(rate_scale, B, logits.device, "rate_scale")
+    h = per_sequence(h, B, logits.device, "h", non_negative=True)
     return rate_scale, h
 
 
@@ -215,7 +200,7 @@ def _prepare_generator(probs, x_t, rate_scale, barrier, validate):
         check_token_range(x_t, V, "x_t")
         if bool(probs.isnan().any()) or bool((probs < 0).any()):
             raise ValueError("probs must be non-negative and free of NaN")
-    return _per_sequence(rate_scale, B, probs.device, "rate_scale")
+    return per_sequence(rate_scale, B, probs.device, "rate_scale")
 
 
 def _prepare_sample(logits, exclude, barrier, temperature, generator, validate):
@@ -297,9 +282,7 @@ def sample_categorical(
         logits, ex_tensor, ex_token, float(barrier), float(temperature), generator
     )
     if validate:
-        _raise_invalid_rows(
-            out, logits, "logits", "leaves no token to draw (all excluded or unreachable)"
-        )
+        _raise_invalid_rows(out, logits, "logits", _NOTHING_LEFT)
     return out
 
 
@@ -339,6 +322,11 @@ def probs_to_generator_ref(
 ) -> torch.Tensor:
     """Reference of :func:`probs_to_generator` (one-hot, difference, clip, all materialised)."""
     rate_scale = _prepare_generator(probs, x_t, rate_scale, barrier, validate)
+    return _generator_reference(probs, x_t, rate_scale, barrier).to(probs.dtype)
+
+
+def _generator_reference(probs, x_t, rate_scale, barrier) -> torch.Tensor:
+    """probs_to_generator_ref on checked arguments, in float32."""
     V = probs.shape[2]
     p = probs.float()
     one_hot = torch.nn.functional.one_hot(x_t, V).float()
@@ -348,7 +336,7 @@ def probs_to_generator_ref(
         rates = torch.where(reachable, rates, torch.zeros_like(rates))
     rates = rates.clamp_min(0.0)
     rates.scatter_(-1, x_t[..., None], 0.0)
-    return rates.to(probs.dtype)
+    return rates
 
 
 def _multinomial_rows(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -372,11 +360,16 @@ def jump_step_ref(
     rate_scale, h = _prepare_jump(
         logits, x_t, rate_scale, h, barrier, temperature, generator, validate
     )
+    return _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator, validate)
+
+
+def _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
+    """jump_step_ref on checked arguments (rate_scale and h float32 [B])."""
     if validate:
         _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
     B, L, V = logits.shape
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    rates = probs_to_generator_ref(probs, x_t, rate_scale, barrier=barrier, validate=False)
+    rates = _generator_reference(probs, x_t, rate_scale, barrier)
     total_rate = rates.sum(dim=-1)
     p_jump = -torch.expm1(-h[:, None].double() * total_rate.double())
     u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=logits.device)
@@ -407,6 +400,13 @@ def sample_categorical_ref(
     ex_tensor, ex_token = _prepare_sample(
         logits, exclude, barrier, temperature, generator, validate
     )
+    return _categorical_reference(
+        logits, ex_tensor, ex_token, barrier, temperature, generator, validate
+    )
+
+
+def _categorical_reference(logits, ex_tensor, ex_token, barrier, temperature, generator, validate):
+    """sample_categorical_ref on checked arguments."""
     B, L, V = logits.shape
     if validate:
         _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
@@ -420,7 +420,49 @@ def sample_categorical_ref(
         weights[..., ex_token] = 0.0
     if validate:
         empty = torch.where(weights.sum(-1) > 0, 0, INVALID_TOKEN)
-        _raise_invalid_rows(
-            empty, logits, "logits", "leaves no token to draw (all excluded or unreachable)"
-        )
+        _raise_invalid_rows(empty, logits, "logits", _NOTHING_LEFT)
     return _multinomial_rows(weights.reshape(B * L, V), generator).reshape(B, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# The draws of one sampling loop.
+
+
+class Kernels:
+    """The two draws of a sampling loop (the jump and the categorical draw) from one backend,
+    chosen once per call of ``fsdfm.sample``: "native" (fsdfm._C), "reference" (the *_ref
+    functions) or "auto" (native when built for ``device``). The methods take arguments that the
+    caller has checked (logits [B, L, V] of a supported dtype, rate_scale and h float32 [B] on
+    the logits' device), so that a step does no argument checks and no dispatcher query.
+
+    Native draws mark a row they cannot sample with -1 and never synchronise; reference draws
+    synchronise anyway, so they raise :class:`InvalidRowsError` at once (``validate``)."""
+
+    def __init__(self, backend: str, device: torch.device):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        available = native_available(device)
+        if backend == "native" and not available:
+            raise RuntimeError(
+                f"backend='native' but fsdfm._C has no kernels for {device.type}; "
+                "build the extension or use backend='reference'"
+            )
+        self.native = backend == "native" or (backend == "auto" and available)
+
+    def jump(self, logits, x_t, rate_scale, h, barrier, temperature, generator) -> torch.Tensor:
+        """x_next [B, L]: :func:`jump_step`."""
+        if self.native:
+            return torch.ops.fsdfm.jump_step(
+                logits, x_t, rate_scale, h, float(barrier), float(temperature), generator
+            )
+        return _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator, True)
+
+    def categorical(self, logits, exclude_token, barrier, temperature, generator) -> torch.Tensor:
+        """tokens [B, L]: :func:`sample_categorical` with one excluded id (-1: none)."""
+        if self.native:
+            return torch.ops.fsdfm.sample_categorical(
+                logits, None, exclude_token, float(barrier), float(temperature), generator
+            )
+        return _categorical_reference(
+            logits, None, exclude_token, barrier, temperature, generator, True
+        )

@@ -70,6 +70,17 @@ def check_source(source: str) -> str:
     return source
 
 
+def mask_id(source: str, vocab_size: int) -> int | None:
+    """The mask token of a model with ``vocab_size`` outputs: its last id with the mask source,
+    None with the uniform source."""
+    return vocab_size - 1 if source == "mask" else None
+
+
+def real_vocab_size(source: str, vocab_size: int) -> int:
+    """V, the real tokens among a model's ``vocab_size`` outputs (all but the mask)."""
+    return vocab_size - 1 if source == "mask" else vocab_size
+
+
 def sample_source(
     source: str,
     batch_size: int,
@@ -85,7 +96,8 @@ def sample_source(
     if source == "mask":
         if vocab_size < 2:
             raise ValueError(f"a mask source needs a vocabulary of at least 2, got {vocab_size}")
-        return torch.full((batch_size, seq_len), vocab_size - 1, dtype=torch.long, device=device)
+        mask = mask_id(source, vocab_size)
+        return torch.full((batch_size, seq_len), mask, dtype=torch.long, device=device)
     return torch.randint(0, vocab_size, (batch_size, seq_len), device=device, generator=generator)
 
 

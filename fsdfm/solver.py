@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fsdfm import ops
+from fsdfm import ops, path
+from fsdfm._args import model_device, positive_int
 from fsdfm.path import PolynomialSchedule, check_source, sample_source
 
 SOLVERS = ("cumulative", "euler", "dfm")
-BACKENDS = ("auto", "native", "reference")
 
 
 @dataclass(frozen=True)
@@ -46,25 +46,16 @@ class _Setup:
 
     @property
     def mask_id(self) -> int | None:
-        return self.vocab_size - 1 if self.source == "mask" else None
+        return path.mask_id(self.source, self.vocab_size)
 
     @property
     def real_vocab(self) -> int:
-        return self.vocab_size - 1 if self.source == "mask" else self.vocab_size
-
-
-def model_device(model) -> torch.device | None:
-    """The device of a module's first parameter (or buffer); None for other callables."""
-    if isinstance(model, torch.nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-        for tensor in model.buffers():
-            return tensor.device
-    return None
+        return path.real_vocab_size(self.source, self.vocab_size)
 
 
 def _logits_of(model, x, t, h, setup: _Setup | None, step: int) -> torch.Tensor:
-    """Call the model and check what it returns (metadata only: no synchronisation)."""
+    """Call the model and check what it returns (metadata only: no synchronisation). This is the
+    one check of the logits in a step: the draws are called on them as they are."""
     logits = model(x, t, h)
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(
@@ -95,9 +86,8 @@ def _resolve_setup(model, batch_size, seq_len, source, vocab_size, device) -> _S
         source = getattr(config, "source", "uniform") if source is None else source
     if seq_len is None:
         raise ValueError("seq_len is required for a model without a config")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    positive_int(batch_size, "batch_size")
+    positive_int(seq_len, "seq_len")
     source = check_source("uniform" if source is None else source)
     device = torch.device(device) if device is not None else model_device(model)
     return _Setup(batch_size, seq_len, vocab_size, source, device or torch.device("cpu"))
@@ -150,27 +140,6 @@ def _frozen_layout(setup: _Setup, prompt, init, edit_mask):
     return init, edit_mask
 
 
-class _Ops:
-    """The two draws the solvers need, from the native kernels or the references."""
-
-    def __init__(self, backend: str, device: torch.device):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        native = ops.native_available(device)
-        if backend == "native" and not native:
-            raise RuntimeError(
-                f"backend='native' but fsdfm._C has no kernels for {device.type}; "
-                "build the extension or use backend='reference'"
-            )
-        self.native = backend == "native" or (backend == "auto" and native)
-        # The references synchronise anyway, so they validate (and raise) at once.
-        self.jump_step = ops.jump_step if self.native else ops.jump_step_ref
-        self.sample_categorical = (
-            ops.sample_categorical if self.native else ops.sample_categorical_ref
-        )
-        self.kw = {"validate": not self.native}
-
-
 def sample(
     model: Callable,
     steps: int = 8,
@@ -215,8 +184,7 @@ def sample(
     cuda_graph: on CUDA with the native backend, capture one step in a CUDA graph and replay it
         for every step but the last (the model must be capturable: no host synchronisation).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    positive_int(steps, "steps")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     ops.check_scalars(barrier, temperature)
@@ -224,7 +192,7 @@ def sample(
     setup = _resolve_setup(model, batch_size, seq_len, source, vocab_size, device)
     if generator is not None and generator.device.type != setup.device.type:
         raise ValueError(f"generator is for {generator.device} but sampling runs on {setup.device}")
-    draw = _Ops(backend, setup.device)
+    draw = ops.Kernels(backend, setup.device)
     if cuda_graph and (setup.device.type != "cuda" or not draw.native):
         raise ValueError("cuda_graph=True needs sampling on CUDA with the native backend")
     if not draw.native and setup.device.type == "cuda":
@@ -251,12 +219,11 @@ def _on_device(device: torch.device):
 def _run(model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, opts,
          return_trajectory, callback, progress, cuda_graph):  # fmt: skip
     B, L = setup.batch_size, setup.seq_len
-    h = 1.0 / steps
     generator = opts["generator"]
     if setup.vocab_size is None:
         probe = torch.zeros(B, L, dtype=torch.long, device=setup.device)
         t0 = torch.zeros(B, device=setup.device)
-        V = _logits_of(model, probe, t0, t0 + h, None, 0).shape[2]
+        V = _logits_of(model, probe, t0, t0 + 1.0 / steps, None, 0).shape[2]
         setup = _Setup(B, L, V, setup.source, setup.device)
     init, edit_mask = _frozen_layout(setup, prompt, init, edit_mask)
 
@@ -265,7 +232,7 @@ def _run(model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, o
     )
     if edit_mask is not None:
         x = torch.where(edit_mask, x, init)
-    loop = _Loop(model, setup, draw, solver, schedule, h, edit_mask, opts)
+    loop = _Loop(model, setup, draw, solver, schedule, steps, edit_mask, opts)
     trajectory = [x] if return_trajectory else None
     if cuda_graph and steps > 1:
         loop.capture(x)
@@ -277,7 +244,7 @@ def _run(model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, o
             if trajectory is not None:
                 trajectory.append(x)
             if callback is not None:
-                callback(k + 1, (k + 1) * h, x)
+                callback(k + 1, (k + 1) * loop.dt, x)
             bar.update(1)
     loop.raise_if_invalid()
     if trajectory is not None:
@@ -288,15 +255,20 @@ def _run(model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, o
 class _Loop:
     """One step of the sampler as device work only (no host synchronisation), so that it can run
     eagerly or be captured once in a CUDA graph and replayed: the step's time and number live in
-    tensors, and rows the kernels could not sample are accumulated in `invalid` / `first_bad`."""
+    tensors, and rows the kernels could not sample are accumulated in `invalid` / `first_bad`.
+    The per-sequence scalars of the solvers are computed from these tensors in float64."""
 
-    def __init__(self, model, setup: _Setup, draw: _Ops, solver, schedule, h, edit_mask, opts):
+    def __init__(self, model, setup: _Setup, draw: ops.Kernels, solver, schedule, steps,
+                 edit_mask, opts):  # fmt: skip
         self.model, self.setup, self.draw = model, setup, draw
-        self.solver, self.schedule, self.h, self.edit_mask = solver, schedule, h, edit_mask
-        self.opts = {**opts, **draw.kw}
-        device = setup.device
-        self.t = torch.zeros(setup.batch_size, device=device)
-        self.h_vec = torch.full((setup.batch_size,), h, device=device)
+        self.solver, self.schedule, self.edit_mask = solver, schedule, edit_mask
+        self.dt = 1.0 / steps  # the grid t_k = k dt, in float64 on the host
+        self.barrier, self.temperature = opts["barrier"], opts["temperature"]
+        self.generator = opts["generator"]
+        device, B = setup.device, setup.batch_size
+        self.t = torch.zeros(B, device=device)
+        self.h = torch.full((B,), self.dt, dtype=torch.float64, device=device)
+        self.h32 = self.h.float()  # the model's h and the jump's
         self.step_no = torch.zeros((), dtype=torch.long, device=device)
         # The first step that produced a row the kernels could not sample, -1 while none did.
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -305,7 +277,7 @@ class _Loop:
 
     def step(self, x: torch.Tensor, k: int, last: bool) -> torch.Tensor:
         """Tokens after step k + 1 (of time t = k h) from the tokens x before it."""
-        self.t.fill_(k * self.h)
+        self.t.fill_(k * self.dt)
         self.step_no.fill_(k + 1)
         if self.graph is not None and not last:
             self.x.copy_(x)  # the graph reads its static buffer
@@ -317,7 +289,7 @@ class _Loop:
             raise ops.InvalidRowsError(f"model output at step {k + 1}: {error}") from error
 
     def _advance(self, x: torch.Tensor, last: bool) -> torch.Tensor:
-        logits = _logits_of(self.model, x, self.t, self.h_vec, self.setup, self.step_no)
+        logits = _logits_of(self.model, x, self.t, self.h32, self.setup, self.step_no)
         x_new = self._collapse(logits, x) if last else self._move(logits, x)
         if self.draw.native:
             # Only generated positions count: a frozen one keeps its token whatever its logits.
@@ -328,30 +300,35 @@ class _Loop:
             x_new = x_new.clamp_min(0)  # keeps the next model call in range; reported at the end
         return x_new if self.edit_mask is None else torch.where(self.edit_mask, x_new, x)
 
+    def _jump(self, logits, x, rate_scale):
+        return self.draw.jump(
+            logits, x, rate_scale.float(), self.h32, self.barrier, self.temperature, self.generator
+        )
+
+    def _categorical(self, logits, exclude_token: int = -1):
+        return self.draw.categorical(
+            logits, exclude_token, self.barrier, self.temperature, self.generator
+        )
+
     def _move(self, logits, x):
-        """One step of the solver from time t (all steps but the last); the per-sequence scalars
-        are computed from the time tensor in float64."""
+        """One step of the solver from time t (all steps but the last)."""
         t, h = self.t.double(), self.h
         if self.solver == "cumulative":
-            return self.draw.jump_step(
-                logits, x, self.schedule.cumulative_scalar(t, h), h, **self.opts
-            )
+            return self._jump(logits, x, self.schedule.cumulative_scalar(t, h))
         if self.solver == "euler":
-            return self.draw.jump_step(logits, x, self.schedule.euler_scalar(h), h, **self.opts)
+            return self._jump(logits, x, self.schedule.euler_scalar(h))
         # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
-        x_hat = self.draw.sample_categorical(logits, **self.opts)
+        x_hat = self._categorical(logits)
         p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
-        u = torch.rand(
-            x.shape, device=x.device, generator=self.opts["generator"], dtype=torch.float64
-        )
+        u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
         # A -1 (a row the kernel could not sample) is passed on even where no move happens.
         return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
 
     def _collapse(self, logits, x):
         """The last step: every position (uniform source) or every masked one (mask source)."""
         if self.setup.mask_id is None:
-            return self.draw.sample_categorical(logits, **self.opts)
-        drawn = self.draw.sample_categorical(logits, exclude=self.setup.mask_id, **self.opts)
+            return self._categorical(logits)
+        drawn = self._categorical(logits, self.setup.mask_id)
         return torch.where(x == self.setup.mask_id, drawn, x)
 
     def capture(self, x: torch.Tensor) -> None:
@@ -369,8 +346,8 @@ class _Loop:
             body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        if self.opts["generator"] is not None:
-            graph.register_generator_state(self.opts["generator"])
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
             body()
         self.first_bad.fill_(-1)

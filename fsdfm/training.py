@@ -1,7 +1,9 @@
-"""Training: pre-training the DFM teacher (SPEC 4.1) and FS-DFM distillation (SPEC 4.2).
+"""The training loop: pre-training the DFM teacher (SPEC 4.1) and FS-DFM distillation (SPEC 4.2).
 
-``fsdfm pretrain`` / ``fsdfm distill`` (or :func:`train` with a :class:`TrainConfig`) train on
-:mod:`fsdfm.data` blocks and write to the output directory OUT::
+``fsdfm pretrain`` / ``fsdfm distill`` (or :func:`train` with a
+:class:`~fsdfm.train_config.TrainConfig`) train on :mod:`fsdfm.data` blocks with the losses of
+:mod:`fsdfm.losses` and the distillation of :mod:`fsdfm.distill`, and write to the output
+directory OUT::
 
     OUT/config.yaml     the resolved configuration (every key; see TrainConfig)
     OUT/metrics.jsonl   one JSON object per logged step: step, loss, lr, tokens_per_s, grad_norm
@@ -18,28 +20,23 @@ at any instant leaves the last complete checkpoint loadable. Running the same co
 OUT resumes from ``state.pt``; the configuration must be the same except for ``MUTABLE_KEYS``.
 
 Pre-training (SPEC 4.1): per sequence t ~ U[0, 1), x_0 from the source, x_t from the mixture path
-(kappa_t = t), and with p = softmax(logits) in fp32 the per-token loss is either the cross-entropy
--ln p(x_1), or the generalized KL of discrete flow matching
+(kappa_t = t); the loss is the cross-entropy -ln p(x_1) or the generalized KL
+(:mod:`fsdfm.losses`), averaged over the tokens of a sequence, then over the sequences.
 
-    l = (kdot/(1 - k)) (1 - p(x_1))              where x_t = x_1,
-    l = -(kdot/(1 - k)) (p(x_t) + ln p(x_1))     elsewhere            (1 - k clamped at 1e-8),
-
-averaged over the tokens of a sequence, then over the sequences.
-
-Distillation (SPEC 4.2): the student starts from the teacher (:func:`student_from_teacher`). Per
-sequence a step size h = 2^-k, k = 0..K (grid = 2^K, 1024 by default), with P(h) proportional to
-1/h, and t = j / grid uniform on the grid with t + h <= 1 (:func:`sample_step_sizes`). Sequences
-with the smallest h (1/grid) are trained on data with the data loss (generalized KL by default);
-every other sequence with the forward KL(p_teacher || p_student) on the same (x_t, t, h), where the
-target is the shortcut teacher (:func:`shortcut_teacher`) built from an EMA copy of the student.
+Distillation (SPEC 4.2): the student starts from the teacher (:func:`~fsdfm.distill.
+student_from_teacher`) and draws (h, t) per sequence (:func:`~fsdfm.distill.sample_step_sizes`).
+Sequences with the smallest h (1/grid) are trained on data with the data loss (generalized KL by
+default); every other sequence with the forward KL(p_teacher || p_student) on the same
+(x_t, t, h), where the target is the shortcut teacher (:func:`~fsdfm.distill.shortcut_teacher`)
+built from an EMA copy of the student.
 The batch is reordered so the data rows come first: the two groups are contiguous slices of the
 student's logits and the shortcut teacher runs on the distilled rows only. Nothing else runs: no
 frozen pre-trained teacher forward and no generator (rate) tensors (SPEC 6).
 
 Optimisation: AdamW (betas (0.9, 0.95), weight decay 0.03) on every parameter, linear warm-up to
-lr then a cosine to min_lr_ratio * lr (:func:`learning_rate`), gradient clipping at 1.0, optional
-EMA (ema <- decay ema + (1 - decay) param after every step). On CUDA the model runs its blocks in
-bf16 autocast (fsdfm.model); losses are computed in fp32 from the float32 logits.
+lr then a cosine to min_lr_ratio * lr (:func:`fsdfm.optim.learning_rate`), gradient clipping at
+1.0, optional EMA (ema <- decay ema + (1 - decay) param after every step). On CUDA the model
+runs its blocks in bf16 autocast (fsdfm.model); losses are computed in fp32 from the logits.
 
 Randomness: every draw of step s comes from generators seeded with derive_seed(seed, purpose, s)
 (the noise of the global batch: t, h, x_0, the path and the teacher's jumps) or, for dropout, from
@@ -57,493 +54,44 @@ writes files; logged losses are averaged over ranks.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from fsdfm import ops
-from fsdfm.checkpoint import fsync_path, load, save
+from fsdfm._args import resolve_device
+from fsdfm._io import atomic_write, remove_stale_temporaries
+from fsdfm.checkpoint import load, save
 from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_rows
-from fsdfm.model import PRESETS, FSDFMTransformer, ModelConfig
-from fsdfm.path import SOURCES, MixturePath, PolynomialSchedule, sample_source
+from fsdfm.distill import sample_step_sizes, shortcut_teacher, student_from_teacher
+from fsdfm.losses import cross_entropy, forward_kl, generalized_kl
+from fsdfm.model import FSDFMTransformer, ModelConfig
+from fsdfm.optim import learning_rate
+from fsdfm.path import MixturePath, sample_source
 from fsdfm.tokenizer import get_tokenizer
+from fsdfm.train_config import (
+    MUTABLE_KEYS,
+    TOKENIZERS,
+    TrainConfig,
+    check_config,
+    config_from_arguments,
+)
 
-__all__ = [
-    "MUTABLE_KEYS",
-    "TrainConfig",
-    "add_arguments",
-    "config_from_sources",
-    "cross_entropy",
-    "forward_kl",
-    "generalized_kl",
-    "learning_rate",
-    "main",
-    "sample_step_sizes",
-    "shortcut_teacher",
-    "student_from_teacher",
-    "train",
-]
+__all__ = ["STATE_FORMAT", "main", "train"]
 
 STATE_FORMAT = "fsdfm-train-state"
 STATE_VERSION = 1
-MODES = ("pretrain", "distill")
-LOSSES = ("ce", "gkl")
-TEACHER_TYPES = ("rk4", "heun")
-TOKENIZERS = ("gpt2", "byte")
-# Keys that may change between a run and its resumption (they do not change what is computed).
-MUTABLE_KEYS = frozenset({"save_every", "eval_every", "log_every", "stop_at", "device"})
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every option of a run; None means "resolve a default" (see :func:`train`).
-
-    batch_size is global (all processes together); steps is the length of the LR schedule;
-    stop_at stops (and saves) after that step without changing the schedule; eval_every = 0
-    never evaluates; grid (distillation) is 1 / the smallest step size, a power of two."""
-
-    mode: str = "pretrain"
-    data: str | None = None
-    out: str | None = None
-    teacher: str | None = None
-    teacher_type: str = "rk4"
-    tokenizer: str | None = None
-    preset: str | None = None
-    seq_len: int | None = None
-    dropout: float | None = None
-    source: str | None = None
-    loss: str | None = None
-    batch_size: int = 32
-    steps: int = 10000
-    lr: float | None = None
-    min_lr_ratio: float = 0.1
-    warmup: int | None = None
-    weight_decay: float = 0.03
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    ema: float | None = None
-    grid: int = 1024
-    seed: int = 0
-    device: str | None = None
-    save_every: int = 1000
-    eval_every: int = 500
-    log_every: int = 10
-    val_fraction: float = 0.01
-    val_batches: int = 8
-    stop_at: int | None = None
-
-    def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class _Option:
-    kind: object  # int, float, str, or a tuple of allowed strings
-    help: str
-    modes: tuple[str, ...] = MODES
-
-
-_OPTIONS: dict[str, _Option] = {
-    "data": _Option(str, "a text file, a directory of *.txt files, or a token file (.bin/.npy)"),
-    "out": _Option(str, "output directory; running again on it resumes"),
-    "teacher": _Option(str, "the pre-trained DFM teacher (fsdfm directory or .pth)", ("distill",)),
-    "teacher_type": _Option(TEACHER_TYPES, "shortcut teacher: rk4 (default) or heun", ("distill",)),
-    "tokenizer": _Option(
-        str, "gpt2, byte, or a BPE tokenizer.json (default: gpt2; the teacher's for distill)"
-    ),
-    "preset": _Option(
-        tuple(PRESETS), f"model size: {', '.join(PRESETS)} (default 0.17B)", ("pretrain",)
-    ),
-    "seq_len": _Option(int, "tokens per sequence (default: the preset's / the teacher's)"),
-    "dropout": _Option(float, "dropout (default: the preset's 0.1 / the teacher's)"),
-    "source": _Option(SOURCES, "uniform (default) or mask; distill: the teacher's"),
-    "loss": _Option(LOSSES, "data loss: ce (pretrain default) or gkl (distill default)"),
-    "batch_size": _Option(int, "global batch, sequences per step over all processes (32)"),
-    "steps": _Option(int, "optimizer steps, the length of the LR schedule (10000)"),
-    "lr": _Option(float, "peak learning rate (3e-4 pretrain, 1e-5 distill)"),
-    "min_lr_ratio": _Option(float, "the cosine ends at this fraction of lr (0.1)"),
-    "warmup": _Option(int, "linear warm-up steps (default min(10000, steps // 10))"),
-    "weight_decay": _Option(float, "AdamW weight decay (0.03)"),
-    "beta1": _Option(float, "AdamW beta1 (0.9)"),
-    "beta2": _Option(float, "AdamW beta2 (0.95)"),
-    "grad_clip": _Option(float, "gradient-norm clip, 0 = off (1.0)"),
-    "ema": _Option(float, "EMA decay (pretrain: off unless given; distill: 0.9995)"),
-    "grid": _Option(int, "1 / the smallest step size, a power of two (1024)", ("distill",)),
-    "seed": _Option(int, "random seed (0)"),
-    "device": _Option(("cpu", "cuda"), "cpu or cuda (default: cuda when available)"),
-    "save_every": _Option(int, "checkpoint every N steps (1000)"),
-    "eval_every": _Option(int, "held-out loss every N steps, 0 = never (500)"),
-    "log_every": _Option(int, "metrics line every N steps (10)"),
-    "val_fraction": _Option(float, "share of the blocks held out (0.01, at least one block)"),
-    "val_batches": _Option(int, "batches per held-out evaluation (8)"),
-    "stop_at": _Option(int, "stop after this step, keeping the schedule of --steps"),
-}
-
-
-def _coerce(name: str, value, where: str):
-    """``value`` (from YAML or a flag's text) as the option's type; ValueError naming it."""
-    kind = _OPTIONS[name].kind
-    if value is None:
-        return None
-    if isinstance(kind, tuple) or kind is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        if isinstance(kind, tuple) and value not in kind:
-            raise ValueError(f"{where}: must be one of {', '.join(kind)}; got {value!r}")
-        return value
-    if isinstance(value, bool):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    try:
-        if kind is int:
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError
-                return int(value)
-            return int(value)
-        number = float(value)
-    except (TypeError, ValueError):
-        what = "an integer" if kind is int else "a number"
-        raise ValueError(f"{where}: expected {what}, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
-    return number
-
-
-def _read_yaml(path: str) -> dict:
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
-    try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value")
-    return data
-
-
-def config_from_sources(mode: str, config_file: str | None = None, flags: dict | None = None):
-    """The :class:`TrainConfig` of ``mode`` from the defaults, then the YAML ``config_file``
-    (keys = option names, underscored), then ``flags`` (option name -> value or text): later
-    sources override earlier ones. Values are checked here; defaults that depend on the data or
-    the teacher are resolved by :func:`train`."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    values = {}
-    sources = []
-    if config_file is not None:
-        sources.append((_read_yaml(config_file), f"{config_file}: key"))
-    sources.append((flags or {}, "--"))
-    for data, prefix in sources:
-        for key, value in data.items():
-            option = _OPTIONS.get(key)
-            where = f"{prefix}{key}" if prefix != "--" else "--" + key.replace("_", "-")
-            if option is None:
-                raise ValueError(f"{where}: unknown option; the options are {', '.join(_OPTIONS)}")
-            if mode not in option.modes:
-                raise ValueError(f"{where}: is an option of fsdfm {option.modes[0]}, not {mode}")
-            values[key] = _coerce(key, value, where)
-    config = TrainConfig(mode=mode, **values)
-    _check(config)
-    return config
-
-
-def _check(c: TrainConfig) -> None:
-    if c.data is None:
-        raise ValueError("no training data: pass --data PATH")
-    if c.out is None:
-        raise ValueError("no output directory: pass --out DIR")
-    if c.mode == "distill" and c.teacher is None:
-        raise ValueError("fsdfm distill needs --teacher (the pre-trained DFM model)")
-    positive = ("batch_size", "steps", "seq_len", "save_every", "log_every", "val_batches")
-    for key in (*positive, "stop_at"):
-        value = getattr(c, key)
-        if value is not None and value < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}")
-    for key in ("warmup", "eval_every", "weight_decay", "grad_clip"):
-        value = getattr(c, key)
-        if value is not None and value < 0:
-            raise ValueError(f"{key} must be >= 0, got {value}")
-    if c.lr is not None and not c.lr > 0:
-        raise ValueError(f"lr must be positive, got {c.lr}")
-    for key in ("beta1", "beta2", "min_lr_ratio"):
-        if not 0 <= getattr(c, key) <= 1:
-            raise ValueError(f"{key} must be in [0, 1], got {getattr(c, key)}")
-    if c.dropout is not None and not 0 <= c.dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {c.dropout}")
-    if not 0 <= c.val_fraction <= 0.5:
-        raise ValueError(f"val_fraction must be in [0, 0.5], got {c.val_fraction}")
-    if c.ema is not None:
-        low_ok = c.ema >= 0 if c.mode == "distill" else c.ema > 0
-        if not (low_ok and c.ema < 1):
-            span = "[0, 1)" if c.mode == "distill" else "(0, 1)"
-            raise ValueError(f"ema (the EMA decay) must be in {span}, got {c.ema}")
-    if c.grid < 2 or c.grid & (c.grid - 1):
-        raise ValueError(f"grid must be a power of two >= 2, got {c.grid}")
-    if c.tokenizer is not None and c.tokenizer not in TOKENIZERS:
-        from pathlib import Path
-
-        if not (Path(c.tokenizer).is_file() or (Path(c.tokenizer) / "tokenizer.json").is_file()):
-            raise ValueError(
-                f"tokenizer must be gpt2, byte or a path to a tokenizer.json, got {c.tokenizer!r}"
-            )
-    if c.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-
-
-def _metavar(name: str, kind) -> str:
-    if isinstance(kind, tuple):
-        return "|".join(kind)
-    return {int: "N", float: "X"}.get(kind, name.upper())
-
-
-def add_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
-    """The options of ``mode`` as flags (``--seq-len`` for seq_len ...) plus ``--config``. Flags
-    hold text; :func:`config_from_sources` checks them, so every mistake is a one-line error."""
-    parser.add_argument(
-        "--config", metavar="FILE.yaml", help="options as YAML (underscored keys); flags win"
-    )
-    for name, option in _OPTIONS.items():
-        if mode in option.modes:
-            parser.add_argument(
-                "--" + name.replace("_", "-"),
-                dest=name,
-                default=argparse.SUPPRESS,
-                metavar=_metavar(name, option.kind),
-                help=option.help,
-            )
-
-
-def main(args: argparse.Namespace, mode: str) -> Path:
+def main(args, mode: str) -> Path:
     """Run ``fsdfm pretrain`` / ``fsdfm distill`` from parsed arguments."""
-    flags = {k: v for k, v in vars(args).items() if k in _OPTIONS}
-    return train(config_from_sources(mode, args.config, flags))
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses (fp32, from the logits)
-
-
-def cross_entropy(logits: Tensor, x_1: Tensor) -> Tensor:
-    """-ln p(x_1) per token [B, L] = logsumexp(l) - l[x_1], for logits [B, L, V]."""
-    logits = logits.float()
-    return torch.logsumexp(logits, -1) - logits.gather(-1, x_1[..., None])[..., 0]
-
-
-def generalized_kl(
-    logits: Tensor,
-    x_1: Tensor,
-    x_t: Tensor,
-    t: Tensor,
-    schedule: PolynomialSchedule | None = None,
-) -> Tensor:
-    """The generalized KL of discrete flow matching per token [B, L] (SPEC 4.1), t [B]:
-
-    (kdot/(1 - k)) (1 - p(x_1)) where x_t = x_1, else -(kdot/(1 - k)) (p(x_t) + ln p(x_1)),
-
-    with 1 - k clamped at 1e-8. Only logsumexp and two gathers: no [B, L, V] probabilities."""
-    schedule = schedule or PolynomialSchedule()
-    logits = logits.float()
-    lse = torch.logsumexp(logits, -1)
-    log_p1 = logits.gather(-1, x_1[..., None])[..., 0] - lse
-    p_t = (logits.gather(-1, x_t[..., None])[..., 0] - lse).exp()
-    rate = schedule.dfm_rate(t.float())[:, None]
-    return torch.where(x_t == x_1, rate * -torch.expm1(log_p1), -rate * (p_t + log_p1))
-
-
-def forward_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """KL(p_T || p_S) per token [B, L] = sum_x p_T(x) (ln p_T(x) - ln p_S(x))
-    = sum_x p_T(x) (l_T(x) - l_S(x)) - lse(l_T) + lse(l_S), in fp32; the teacher gets no gradient.
-    The only [B, L, V] tensor made is p_T (the sums are batched dot products)."""
-    target = teacher_logits.detach().float()
-    student = student_logits.float()
-    lse_t = torch.logsumexp(target, -1)
-    p_t = (target - lse_t[..., None]).exp()
-    dot_t = torch.einsum("blv,blv->bl", p_t, target)
-    dot_s = torch.einsum("blv,blv->bl", p_t, student)
-    return dot_t - dot_s - lse_t + torch.logsumexp(student, -1)
-
-
-def learning_rate(
-    step: int, *, lr: float, steps: int, warmup: int, min_lr_ratio: float = 0.1
-) -> float:
-    """The LR of optimizer step ``step`` (0-based): lr (step + 1) / warmup during the warm-up,
-    then lr_min + (lr - lr_min) (1 + cos(pi (step - warmup) / (steps - warmup))) / 2, with
-    lr_min = min_lr_ratio lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    low = min_lr_ratio * lr
-    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# ----------------------------------------------------------------------------------------------
-# Distillation: step sizes, the student's initialisation, the shortcut teacher
-
-
-def sample_step_sizes(
-    n: int, grid: int = 1024, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """(h, t), float64 [n] on the CPU: h = 2^-k, k in 0..K (grid = 2^K) with P(h) = (1/h) / sum
-    over the h of 1/h, i.e. P(k) = 2^k / (2^(K+1) - 1); t = j / grid with j uniform on
-    {0, .., grid - grid h}, so that t + h <= 1."""
-    levels = grid.bit_length() - 1
-    weights = 2.0 ** torch.arange(levels + 1, dtype=torch.float64)
-    k = torch.multinomial(weights, n, replacement=True, generator=generator)
-    slots = grid - torch.div(grid, 2**k, rounding_mode="floor") + 1  # number of allowed j
-    u = torch.rand(n, dtype=torch.float64, generator=generator)
-    j = (u * slots).floor()
-    return 2.0 ** (-k.double()), j / grid
-
-
-def student_from_teacher(teacher: FSDFMTransformer, **config_changes) -> FSDFMTransformer:
-    """A step-conditioned student with the teacher's weights (SPEC 4.2); ``config_changes``
-    (e.g. seq_len, dropout) go to its ModelConfig. A teacher that is already a student is copied.
-
-    The new layers start so that the student computes the teacher's function for every h:
-    with t_emb, h_emb the embeddings (each c wide), the teacher conditions every block on
-    SiLU(t_emb). The student's time_condition_fuser gets W = [[I, 0], [-I, 0]], b = 0, so
-    c_vec = SiLU(W [t_emb; h_emb]) = [SiLU(t_emb); SiLU(-t_emb)], and every condition_fuser gets
-    W = [I, -I], b = 0, so it yields SiLU(SiLU(t_emb) - SiLU(-t_emb)) = SiLU(t_emb), because
-    SiLU(x) - SiLU(-x) = x (sigma(x) + sigma(-x)) = x. Exact up to the rounding of that
-    difference (fp32 on the CPU; under bf16 autocast on CUDA, bf16 rounding). dt_embedding
-    keeps its fresh initialisation: h enters through the fuser's h columns, which start at zero
-    but receive gradient from the first step."""
-    if teacher.config.step_conditioned:
-        student = FSDFMTransformer(teacher.config.replace(**config_changes))
-        student.load_state_dict(teacher.state_dict())
-        student.tokenizer_name = teacher.tokenizer_name
-        return student
-    student = FSDFMTransformer(teacher.config.replace(step_conditioned=True, **config_changes))
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    new_layers = ("dt_embedding.", "time_condition_fuser.", "condition_fuser.")
-    if unexpected or not all(any(p in k for p in new_layers) for k in missing):
-        raise ValueError(
-            f"the teacher's weights do not fit a student of its shape (unexpected: "
-            f"{sorted(unexpected)[:4]}, missing: {sorted(missing)[:4]})"
-        )
-    c = teacher.config.cond_dim
-    eye = torch.eye(c)
-    with torch.no_grad():
-        fuser = student.time_condition_fuser
-        fuser.weight.zero_()
-        fuser.weight[:c, :c] = eye
-        fuser.weight[c:, :c] = -eye
-        fuser.bias.zero_()
-        for layer in [*student.blocks, student.output_layer]:
-            layer.condition_fuser.weight.copy_(torch.cat([eye, -eye], dim=1))
-            layer.condition_fuser.bias.zero_()
-    student.tokenizer_name = teacher.tokenizer_name
-    return student
-
-
-@torch.no_grad()
-def shortcut_teacher(
-    model,
-    x_t: Tensor,
-    t: Tensor,
-    h: Tensor,
-    kind: str = "rk4",
-    *,
-    schedule: PolynomialSchedule | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The shortcut teacher's logits [n, L, V] (fp32) for a step of size h from (x_t, t), made of
-    steps of size h/2 by ``model`` (the EMA student, always conditioned on h/2); x_t [n, L], t and
-    h [n]. With f(x, s) = model(x, s, h/2) and J(l, x, s) the FS-DFM jump of size h/2 from time s
-    (ops.jump_step with rate_scale = alpha(s, h/2), SPEC 2.1):
-
-    - "rk4": l1 = f(x_t, t), x1 = J(l1, x_t, t); l2 = f(x1, t + h/2), x2 = J(l2, x1, t + h/2);
-      l3 = f(x2, t + h/2), x3 = J(l3, x2, t + h/2); l4 = f(x3, t + h);
-      result (l1 + 2 l2 + 2 l3 + l4) / 6 (the jumps are chained, as in the reference);
-    - "heun": l1 = f(x_t, t), x1 = J(l1, x_t, t); l2 = f(x1, t + h/2); result (l1 + l2) / 2:
-      the two half steps that cover [t, t + h], each evaluated at its own start.
-
-    Averages in fp32, accumulated in place in l1 (the model's output is owned here). The jump
-    scalars are computed in float64 from t and h. No gradient."""
-    if kind not in TEACHER_TYPES:
-        raise ValueError(f"kind must be one of {TEACHER_TYPES}, got {kind!r}")
-    schedule = schedule or PolynomialSchedule()
-    device = x_t.device
-    t = t.to(device=device, dtype=torch.float64)
-    half = h.to(device=device, dtype=torch.float64) / 2
-    half32 = half.float()
-    jump = ops.jump_step if ops.native_available(device) else ops.jump_step_ref
-
-    def evaluate(x: Tensor, s: Tensor) -> Tensor:
-        return model(x, s.float(), half32).float()
-
-    def step(logits: Tensor, x: Tensor, s: Tensor) -> Tensor:
-        rate = schedule.cumulative_scalar(s, half).float()
-        return jump(logits, x, rate, half32, generator=generator, validate=False)
-
-    mid = t + half
-    l1 = evaluate(x_t, t)
-    x1 = step(l1, x_t, t)
-    if kind == "heun":
-        return l1.add_(evaluate(x1, mid)).mul_(0.5)
-    l2 = evaluate(x1, mid)
-    x2 = step(l2, x1, mid)
-    l1.add_(l2, alpha=2.0)
-    del l2
-    l3 = evaluate(x2, mid)
-    x3 = step(l3, x2, mid)
-    l1.add_(l3, alpha=2.0)
-    del l3
-    return l1.add_(evaluate(x3, t + 2 * half)).div_(6.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files left by a killed run (ours and fsdfm.save's are named *.tmp-<pid>-*)."""
-    for directory in (out, out / "model", out / "model_ema", out / "data"):
-        if directory.is_dir():
-            for stale in directory.glob("*.tmp-*"):
-                stale.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
+    return train(config_from_arguments(args, mode))
 
 
 class _Processes:
@@ -589,13 +137,17 @@ def train(config: TrainConfig) -> Path:
     dropout (the preset's or the teacher's), source (uniform or the teacher's), loss (ce for
     pre-training, gkl for distillation), lr (3e-4 / 1e-5), warmup (min(10000, steps // 10)), ema
     (distillation: 0.9995), device (cuda when available)."""
-    _check(config)
-    device_name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_config(config)
+    device_name = resolve_device(config.device, "--device").type
     procs = _Processes(device_name)
     try:
         devices = [procs.device] if procs.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            return _Run(config.replace(device=device_name), procs).run()
+            out = _Run(config.replace(device=device_name), procs).run()
+        # Every rank finishes before the group is torn down: a rank that left early made gloo
+        # abort the others at exit ("terminate called without an active exception").
+        procs.barrier()
+        return out
     finally:
         procs.close()
 
@@ -609,33 +161,14 @@ class _Run:
             if self.out.exists() and not self.out.is_dir():
                 raise FileExistsError(f"--out {self.out} exists and is not a directory")
             self.out.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(self.out)
-        procs.barrier()
-
-        teacher = None
-        if config.mode == "distill":
-            teacher = load(config.teacher)
-        config = self._resolve_paths(config)
-
-        # Data: rank 0 tokenises (or finds the cache), then the others open it.
-        wanted = config.tokenizer or (teacher.tokenizer_name if teacher is not None else None)
-        data = Path(config.data)
-        if wanted is None and not (data.is_file() and data.suffix in (".bin", ".npy")):
-            if teacher is not None:
-                raise ValueError(f"{config.teacher} names no tokenizer: pass --tokenizer")
-            wanted = "gpt2"
-        stream = None
-        if procs.main:
-            stream = prepare_tokens(data, wanted, self.out / "data", progress=True)
-        procs.barrier()
-        if stream is None:
-            stream = prepare_tokens(data, wanted, self.out / "data")
-        tokenizer = get_tokenizer(stream.tokenizer)
-        if stream.vocab_size != tokenizer.vocab_size:
-            raise ValueError(
-                f"{data} declares a vocabulary of {stream.vocab_size} but {stream.tokenizer} has "
-                f"{tokenizer.vocab_size}"
+            remove_stale_temporaries(
+                self.out, self.out / "model", self.out / "model_ema", self.out / "data"
             )
+        procs.barrier()
+
+        teacher = load(config.teacher) if config.mode == "distill" else None
+        config = self._resolve_paths(config)
+        stream, tokenizer = self._open_data(config, teacher)
         self.config = config = self._resolve(config, teacher, stream.tokenizer)
         self.tokenizer_name = stream.tokenizer
         self.data_key = stream.key
@@ -643,28 +176,9 @@ class _Run:
         self.sampler = BlockSampler(self.blocks.n_train, config.batch_size, config.seed)
         self.rows = rank_rows(config.batch_size, procs.rank, procs.world)
 
-        # Model, EMA, optimiser.
         torch.manual_seed(derive_seed(config.seed, "init"))
-        if teacher is not None:
-            if teacher.config.real_vocab_size != tokenizer.vocab_size:
-                raise ValueError(
-                    f"the teacher's vocabulary ({teacher.config.real_vocab_size} real tokens) "
-                    f"does not match the {stream.tokenizer} tokenizer ({tokenizer.vocab_size})"
-                )
-            model = student_from_teacher(teacher, seq_len=config.seq_len, dropout=config.dropout)
-            del teacher
-        else:
-            vocab = tokenizer.vocab_size + (1 if config.source == "mask" else 0)
-            model = FSDFMTransformer(
-                ModelConfig.preset(
-                    config.preset,
-                    vocab_size=vocab,
-                    seq_len=config.seq_len,
-                    dropout=config.dropout,
-                    source=config.source,
-                )
-            )
-        model.tokenizer_name = self.tokenizer_name
+        model = self._build_model(config, teacher, tokenizer.vocab_size)
+        del teacher
         self.model = model.to(self.device).train()
         self.ema = None
         if config.ema is not None:
@@ -690,6 +204,52 @@ class _Run:
         self.schedule = self.path.schedule
         self.noise_cpu = torch.Generator()
         self.noise_device = torch.Generator(self.device)
+
+    # -- data and model ------------------------------------------------------------------------
+    def _open_data(self, config: TrainConfig, teacher):
+        """(token stream, tokenizer): rank 0 tokenises (or finds the cache), then the others
+        open it."""
+        wanted = config.tokenizer or (teacher.tokenizer_name if teacher is not None else None)
+        data = Path(config.data)
+        if wanted is None and not (data.is_file() and data.suffix in (".bin", ".npy")):
+            if teacher is not None:
+                raise ValueError(f"{config.teacher} names no tokenizer: pass --tokenizer")
+            wanted = "gpt2"
+        stream = None
+        if self.procs.main:
+            stream = prepare_tokens(data, wanted, self.out / "data", progress=True)
+        self.procs.barrier()
+        if stream is None:
+            stream = prepare_tokens(data, wanted, self.out / "data")
+        tokenizer = get_tokenizer(stream.tokenizer)
+        if stream.vocab_size != tokenizer.vocab_size:
+            raise ValueError(
+                f"{data} declares a vocabulary of {stream.vocab_size} but {stream.tokenizer} has "
+                f"{tokenizer.vocab_size}"
+            )
+        return stream, tokenizer
+
+    def _build_model(self, config: TrainConfig, teacher, vocab: int) -> FSDFMTransformer:
+        """The student made from the teacher, or a fresh DFM model of the preset."""
+        if teacher is not None:
+            if teacher.config.real_vocab_size != vocab:
+                raise ValueError(
+                    f"the teacher's vocabulary ({teacher.config.real_vocab_size} real tokens) "
+                    f"does not match the {config.tokenizer} tokenizer ({vocab})"
+                )
+            model = student_from_teacher(teacher, seq_len=config.seq_len, dropout=config.dropout)
+        else:
+            model = FSDFMTransformer(
+                ModelConfig.preset(
+                    config.preset,
+                    vocab_size=vocab + (1 if config.source == "mask" else 0),
+                    seq_len=config.seq_len,
+                    dropout=config.dropout,
+                    source=config.source,
+                )
+            )
+        model.tokenizer_name = self.tokenizer_name
+        return model
 
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
@@ -762,7 +322,7 @@ class _Run:
         import yaml
 
         text = yaml.safe_dump(self.config.to_dict(), sort_keys=False).encode()
-        _atomic_write(self.out / "config.yaml", lambda f: f.write(text))
+        atomic_write(self.out / "config.yaml", lambda f: f.write(text))
 
     def _truncate_metrics(self) -> None:
         """Drop the lines a killed run logged after its last checkpoint."""
@@ -778,7 +338,7 @@ class _Run:
             if record.get("step", math.inf) <= self.step:
                 kept.append(line + "\n")
         data = "".join(kept).encode()
-        _atomic_write(path, lambda f: f.write(data))
+        atomic_write(path, lambda f: f.write(data))
 
     def _save(self) -> None:
         if not self.procs.main:
@@ -797,7 +357,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
-        _atomic_write(self.out / "state.pt", lambda f: torch.save(state, f))
+        atomic_write(self.out / "state.pt", lambda f: torch.save(state, f))
 
     # -- one step --------------------------------------------------------------------------------
     def _seed_step(self, step: int) -> None:

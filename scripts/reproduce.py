@@ -25,9 +25,9 @@ positions of a step independently (a DFM teacher's and an FS-DFM student's alike
 on the same tokens (:func:`fsdfm.evaluation.train_scorer`; nothing pre-trained is available
 offline), unigram entropy, and the ELBO of both models on held-out blocks.
 
-The problems' symbols have no text: a token file must name a tokenizer whose vocabulary is V, so
-each run writes a word-level ``tokenizer.json`` of V symbols (``s0`` ... ; the last one is named
-``<|endoftext|>``, which fsdfm's tokenizer loader requires; it is an ordinary symbol here).
+The laws, their scores, the symbol tokenizers and the toy model presets are fsdfm's
+(:mod:`fsdfm.synthetic`, ``toy-pairs`` / ``toy-chain`` in :data:`fsdfm.model.PRESETS`): this
+script only chooses the runs and writes the reports.
 """
 
 from __future__ import annotations
@@ -42,55 +42,24 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fsdfm.checkpoint import load  # noqa: E402
-from fsdfm.data import write_token_file  # noqa: E402
-from fsdfm.evaluation import (  # noqa: E402
+from fsdfm._args import resolve_device
+from fsdfm.checkpoint import load
+from fsdfm.evaluation import gen_ppl_metric, sweep, write_results
+from fsdfm.metrics import elbo, exact_nll, unigram_entropy
+from fsdfm.scorer import train_scorer
+from fsdfm.synthetic import (
     ExactPosterior,
     MarkovChain,
     checkerboard_law,
     checkerboard_scores,
-    gen_ppl_metric,
-    sweep,
-    train_scorer,
-    write_results,
+    symbol_tokenizer,
+    write_sequences,
 )
-from fsdfm.metrics import elbo, exact_nll, unigram_entropy  # noqa: E402
-from fsdfm.model import PRESETS, ModelConfig  # noqa: E402
-from fsdfm.training import TrainConfig, train  # noqa: E402
+from fsdfm.train_config import TrainConfig
+from fsdfm.training import train
 
+ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
-
-
-# CPU-sized transformers (heads of 64 as in the released models). Registered under these names
-# so that TrainConfig.preset can name them; the saved models carry their full config.
-PRESETS["toy-pairs"] = ModelConfig(dim=64, n_blocks=2, n_heads=1, cond_dim=32, seq_len=2)
-PRESETS["toy-chain"] = ModelConfig(dim=128, n_blocks=2, n_heads=2, cond_dim=64, seq_len=128)
-
-
-def symbol_tokenizer(vocab_size: int, directory: Path) -> Path:
-    """A word-level tokenizer.json of ``vocab_size`` symbols (see the module docstring)."""
-    from tokenizers import Tokenizer, models
-
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        vocab = {f"s{i}": i for i in range(vocab_size - 1)}
-        vocab["<|endoftext|>"] = vocab_size - 1
-        directory.mkdir(parents=True, exist_ok=True)
-        Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>")).save(str(path))
-    return path
-
-
-def write_data(tokens: torch.Tensor, out: Path, tokenizer: Path, vocab_size: int) -> Path:
-    """The training sequences [n, L] as one token stream: blocks of L tokens are the rows."""
-    path = out / "train.bin"
-    if not path.with_suffix(".json").is_file():
-        write_token_file(
-            path, [tokens.flatten().numpy()], tokenizer=str(tokenizer), vocab_size=vocab_size
-        )
-    return path
 
 
 def train_pair(out: Path, data: Path, tokenizer: Path, args, preset: str, seq_len: int):
@@ -220,7 +189,7 @@ def checkerboard(args) -> None:
     cells = torch.multinomial(law.flatten(), args.train_pairs, replacement=True, generator=g)
     pairs = torch.stack([cells // V, cells % V], dim=1)
     tokenizer = symbol_tokenizer(V, out / "tokenizer")
-    data = write_data(pairs, out, tokenizer, V)
+    data = write_sequences(pairs, out / "train.bin", tokenizer, V)
     seconds = train_pair(out, data, tokenizer, args, "toy-pairs", seq_len=2)
     print(f"training seconds (this invocation): {seconds}", file=sys.stderr)
 
@@ -309,7 +278,7 @@ def markov(args) -> None:
     chain = MarkovChain(V, L, order=k, concentration=args.concentration, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed)
     tokenizer = symbol_tokenizer(V, out / "tokenizer")
-    data = write_data(chain.sample(args.train_seqs, g), out, tokenizer, V)
+    data = write_sequences(chain.sample(args.train_seqs, g), out / "train.bin", tokenizer, V)
     seconds = train_pair(out, data, tokenizer, args, "toy-chain", seq_len=L)
     print(f"training seconds (this invocation): {seconds}", file=sys.stderr)
     # The ablations: the cumulative scalar against the Euler solver (every model), and the
@@ -488,7 +457,7 @@ def main(argv=None) -> None:
         p.add_argument(
             "--device",
             choices=("cpu", "cuda"),
-            default="cuda" if torch.cuda.is_available() else "cpu",
+            default=None,
             help="where to train and sample (default: cuda when available)",
         )
         p.add_argument("--eval-every", type=int, default=defaults["eval_every"])
@@ -542,6 +511,8 @@ def main(argv=None) -> None:
     # One thread by default: the 2 cores are shared, and oversubscribed OpenMP threads run
     # 10x slower. --threads 2 for a run that has the machine to itself.
     torch.set_num_threads(args.threads)
+    if "device" in args:
+        args.device = resolve_device(args.device, "--device").type
     problems = {
         "checkerboard": checkerboard,
         "markov": markov,

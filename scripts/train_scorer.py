@@ -3,17 +3,13 @@
     python scripts/train_scorer.py --data runs/default/teacher/data/KEY.bin --out runs/scorer
     fsdfm eval --model student=runs/default/student/model_ema --scorer runs/scorer
 
-See fsdfm.evaluation.train_scorer; prints the held-out loss and writes OUT/scorer.json.
+See fsdfm.scorer.train_scorer; prints the held-out loss and writes OUT/scorer.json.
 """
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fsdfm.evaluation import train_scorer  # noqa: E402
+from fsdfm.scorer import train_scorer
 
 
 def main() -> None:

@@ -81,3 +81,13 @@ def chisquare_rows(samples: torch.Tensor, law: torch.Tensor, *, min_expected: fl
     if dof == 0:
         return 1.0, stat, dof
     return float(stats.chi2.sf(stat, dof)), stat, dof
+
+
+def correlated_law(V: int, L: int, seed: int = 0) -> torch.Tensor:
+    """A joint law over V^L with strong dependence between positions (far from its product of
+    marginals): what an exact sampler must reproduce and a factorised one cannot."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand([V] * L, generator=g, dtype=torch.float64) * 0.2
+    for a in range(V):
+        q[(a,) * L] += 1.0 + a  # mass on the diagonal: the tokens agree
+    return q / q.sum()

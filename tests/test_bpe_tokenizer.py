@@ -1,13 +1,18 @@
 """Byte-level BPE tokenizers (train_bpe, BPETokenizer, get_tokenizer by path) and the cleaning
-functions of scripts/build_corpus.py, on small texts written here: no apt, no network."""
+functions of fsdfm.corpus, on small texts written here: no apt, no network."""
 
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
+from fsdfm.corpus import Source, collect
+from fsdfm.corpus.htmltext import clean_html
+from fsdfm.corpus.plain import parse_devil, parse_fortunes, parse_gcide, parse_jargon, parse_kjv
+from fsdfm.corpus.roff import clean_roff
+from fsdfm.corpus.rst import clean_rst
+from fsdfm.corpus.sources import each_file
+from fsdfm.corpus.text import is_prose, normalize
 from fsdfm.tokenizer import BPETokenizer, get_tokenizer, train_bpe
 
 SENTENCES = [
@@ -93,19 +98,8 @@ def test_bad_ids_and_names(bpe, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# scripts/build_corpus.py
+# fsdfm.corpus (scripts/build_corpus.py)
 
-
-def _load_build_corpus():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "build_corpus.py"
-    spec = importlib.util.spec_from_file_location("build_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_corpus"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-bc = _load_build_corpus()
 
 RST = """\
 :mod:`json` --- JSON encoder
@@ -165,7 +159,7 @@ term
 
 
 def test_clean_rst():
-    assert bc.clean_rst(RST) == [
+    assert clean_rst(RST) == [
         [
             "The json module exposes an API familiar to users of the marshal and pickle "
             "modules, see PEP 8 and the spec.  Use strong and emphasis.",
@@ -197,7 +191,7 @@ dependencies, as in <em>most</em> distributions.</div>
 
 
 def test_clean_html():
-    assert bc.clean_html(HTML) == [
+    assert clean_html(HTML) == [
         [
             "The apt tool installs packages & their\ndependencies, as in most distributions.",
             "First item of the list.",
@@ -235,7 +229,7 @@ Set the file status flag on the open file description.
 
 
 def test_clean_roff():
-    assert bc.clean_roff(ROFF) == [
+    assert clean_roff(ROFF) == [
         [
             "pipe - overview of pipes and FIFOs",
             "Pipes and FIFOs provide a unidirectional interprocess communication channel; see "
@@ -271,7 +265,7 @@ GCIDE = """Abandon \\A*ban"don\\ ([.a]*b[a^]n"d[u^]n), v. t. [imp. & p. p.
 
 
 def test_parse_gcide():
-    assert bc.parse_gcide(GCIDE) == [
+    assert parse_gcide(GCIDE) == [
         [
             "Abandon, v. t. To cast or drive out; to banish; to expel; to reject.",
             "That he might... abandon them from him.",
@@ -295,7 +289,7 @@ Roses are red,
 
 
 def test_parse_fortunes():
-    assert bc.parse_fortunes(FORTUNES) == [
+    assert parse_fortunes(FORTUNES) == [
         [
             "A fool and his money are soon parted, and this line is long enough to be wrapped "
             "by the editor of the file.",
@@ -313,7 +307,7 @@ def test_parse_devil_jargon_kjv():
         '        Said the Grand Vizier:  "Yes, yes,"\n'
         "                                                  Joram Tate\n"
     )
-    assert bc.parse_devil(devil) == [
+    assert parse_devil(devil) == [
         [
             "ACCOUNTABILITY, n.  The mother of caution, and a definition long enough to wrap "
             "where Brillat-Savarin is hyphenated.",
@@ -327,7 +321,7 @@ def test_parse_devil_jargon_kjv():
         "   1. A person who enjoys exploring the details of programmable systems. See\n"
         "   {hack value}.\n\n   :hack value: /hak val'yoo/, n.\n\n   Often adduced as a reason.\n"
     )
-    assert bc.parse_jargon(jargon) == [
+    assert parse_jargon(jargon) == [
         [
             "hacker, n. [originally, someone who makes furniture with an axe]",
             "A person who enjoys exploring the details of programmable systems. See hack value.",
@@ -335,14 +329,14 @@ def test_parse_devil_jargon_kjv():
         ["hack value, n. Often adduced as a reason."],
     ]
     kjv = "\nGenesis 1\n\n  1 In the beginning.\n  2 And the earth.\n\nGenesis 2\n\n  1 Thus.\n"
-    assert bc.parse_kjv(kjv) == [["In the beginning.", "And the earth."], ["Thus."]]
+    assert parse_kjv(kjv) == [["In the beginning.", "And the earth."], ["Thus."]]
 
 
 def test_normalize_and_filter():
-    assert bc.normalize("  caf\u0065\u0301\u00a0 au\u00adlait\t\n ok ") == "caf\u00e9 aulait ok"
-    assert bc.is_prose("This is a sentence.", 4)
-    assert not bc.is_prose("Too short.", 4)
-    assert not bc.is_prose("x = f(a[0], b[1]) + 42 * {k: v}", 1)
+    assert normalize("  caf\u0065\u0301\u00a0 au\u00adlait\t\n ok ") == "caf\u00e9 aulait ok"
+    assert is_prose("This is a sentence.", 4)
+    assert not is_prose("Too short.", 4)
+    assert not is_prose("x = f(a[0], b[1]) + 42 * {k: v}", 1)
 
 
 def test_collect_is_deterministic_and_deduplicates(tmp_path, capsys):
@@ -351,21 +345,25 @@ def test_collect_is_deterministic_and_deduplicates(tmp_path, capsys):
 
     def sources():
         return [
-            bc.Source(
-                "rst", [], "test", lambda: [str(tmp_path / "a.rst")], bc.each_file(bc.clean_rst)
+            Source(
+                "rst",
+                [],
+                "test",
+                lambda: [str(tmp_path / "a.rst")],
+                each_file(clean_rst),
             ),
-            bc.Source(
+            Source(
                 "fortune",
                 [],
                 "test",
                 lambda: [str(tmp_path / "b.txt")],
-                bc.each_file(bc.parse_fortunes),
+                each_file(parse_fortunes),
                 min_words=1,
             ),
         ]
 
-    first, counts = bc.collect(sources())
-    second, _ = bc.collect(sources())
+    first, counts = collect(sources())
+    second, _ = collect(sources())
     assert first == second
     docs = first[:-1].split("\n\n")
     assert first.endswith("\n") and not first.endswith("\n\n")

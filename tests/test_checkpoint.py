@@ -420,7 +420,7 @@ def test_lone_safetensors_file(tmp_path):
 
 
 def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
-    import fsdfm.checkpoint as ckpt
+    import os
 
     model = FSDFMTransformer(ModelConfig(**SMALL))
     out = save(model, tmp_path / "d")
@@ -429,7 +429,7 @@ def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.json, "dump", boom)
+    monkeypatch.setattr(os, "fsync", boom)  # writing config.json fails
     with pytest.raises(OSError, match="disk full"):
         save(FSDFMTransformer(ModelConfig(**{**SMALL, "n_blocks": 1})), out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]

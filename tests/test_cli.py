@@ -106,8 +106,11 @@ def test_user_errors_are_one_line(released, tmp_path, capsys):
     assert err.startswith("fsdfm sample: error:") and err.count("\n") == 1
     assert main(["sample", "--model", str(released)]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["sample", "--model", str(released), "--steps", "0"])
+    assert main(["sample", "--model", str(released), "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "fsdfm sample: error: --steps: must be positive, got '0'\n"
+    assert main(["sample", "--model", str(released), "--stepz", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fsdfm sample: error: unrecognized arguments") and err.count("\n") == 1
 
 
 def test_python_dash_m(released):
@@ -125,5 +128,33 @@ def test_more_user_errors_are_one_line(released, tmp_path, capsys):
     blocker.write_text("")
     assert main(["convert", str(released), str(blocker / "out")]) == 2  # an unwritable target
     assert capsys.readouterr().err.startswith("fsdfm convert: error:")
-    with pytest.raises(SystemExit):
-        main(["sample", "--model", str(released), "--watch-delay", "-1"])
+    assert main(["sample", "--model", str(released), "--watch-delay", "-1"]) == 2
+    assert "--watch-delay: must be >= 0" in capsys.readouterr().err
+    assert main(["convert"]) == 2
+    assert "required: src, out" in capsys.readouterr().err
+
+
+def test_bugs_keep_their_traceback_and_debug_shows_user_errors(released, monkeypatch, capsys):
+    import fsdfm.cli
+
+    def broken(o):
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(fsdfm.cli.COMMANDS, "convert", fsdfm.cli.CONVERT.__class__(
+        "convert", "", "", fsdfm.cli.CONVERT.options, broken))  # fmt: skip
+    with pytest.raises(KeyError):
+        main(["convert", "a", "b"])
+    assert "internal error; please report it" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        main(["sample", "--model", "/nonexistent", "--debug"])
+
+
+def test_ctrl_c_is_one_line_and_status_130(released, monkeypatch, capsys):
+    import fsdfm.checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fsdfm.checkpoint, "load", interrupted)
+    assert main(["sample", "--model", str(released)]) == 130
+    assert capsys.readouterr().err == "fsdfm sample: interrupted\n"

@@ -21,18 +21,12 @@ from scipy.stats import chisquare
 import fsdfm
 from fsdfm import training
 from fsdfm.cli import main
+from fsdfm.distill import sample_step_sizes, shortcut_teacher, student_from_teacher
+from fsdfm.losses import cross_entropy, forward_kl, generalized_kl
 from fsdfm.model import FSDFMTransformer, ModelConfig
-from fsdfm.training import (
-    config_from_sources,
-    cross_entropy,
-    forward_kl,
-    generalized_kl,
-    learning_rate,
-    sample_step_sizes,
-    shortcut_teacher,
-    student_from_teacher,
-    train,
-)
+from fsdfm.optim import learning_rate
+from fsdfm.train_config import config_from_sources
+from fsdfm.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "birds sing at dawn. "]

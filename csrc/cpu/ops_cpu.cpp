@@ -94,13 +94,15 @@ inline void block_mass(const T* row, int64_t first, int64_t n, float inv_temp, f
   }
 }
 
-// Inputs of one row's draw. `excluded` is the current token (jump mode) or the excluded token
-// (sample mode), -1 for none; `jump` selects the stay/jump decision of jump_step.
+// Inputs of one row's draw. `excluded` is the destination the row may not take: the current
+// token x_t (DrawMode::kJump) or the excluded token (kSample), -1 for none; `valid` is false
+// when a per-row token id lies outside [0, V).
 struct RowTask {
+  DrawMode mode;
+  bool valid;
+  int64_t excluded;
   float inv_temp;
   float barrier;
-  int64_t excluded;
-  bool jump;
   float rate_scale;
   float h;
 };
@@ -109,9 +111,7 @@ struct RowTask {
 template <typename T>
 int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms& u,
                  float* masses) {
-  if (task.excluded < -1 || task.excluded >= V || (task.jump && task.excluded < 0)) {
-    return kInvalidToken;
-  }
+  if (!task.valid) return kInvalidToken;
   float lmax;
   bool bad;
   row_max(row, V, lmax, bad);
@@ -144,7 +144,7 @@ int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms
   }
   for (int64_t g = 0; g < groups; ++g) mass.allowed += masses[g];
 
-  if (task.jump) {
+  if (task.mode == DrawMode::kJump) {
     if (!(u.jump < jump_probability(mass, task.rate_scale, task.h))) return task.excluded;
   } else if (!(mass.allowed > 0.0)) {
     return kInvalidToken;  // nothing left to draw from
@@ -182,21 +182,41 @@ int64_t grain_rows(int64_t V) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
 }
 
-// Shared driver of jump_step and sample_categorical: `task_of(row)` fills the per-row inputs.
-template <typename TaskOf>
-at::Tensor draw_rows(const at::Tensor& logits, const RowLayout& rows, uint64_t seed,
-                     const TaskOf& task_of) {
-  auto out = at::empty({rows.B, rows.L}, logits.options().dtype(at::kLong));
+// The task of row r from the checked arguments of either op.
+RowTask row_task(const DrawArgs& a, int64_t r, float inv_temp, float barrier) {
+  RowTask task{a.mode, true, a.exclude_token, inv_temp, barrier, 0.0f, 0.0f};
+  const std::optional<at::Tensor>& per_row = a.mode == DrawMode::kJump ? a.current : a.exclude;
+  if (per_row) {
+    task.excluded = per_row->const_data_ptr<int64_t>()[r];
+    task.valid = task.excluded >= 0 && task.excluded < a.rows.V;
+  }
+  if (a.mode == DrawMode::kJump) {
+    const int64_t seq = r / a.rows.L;
+    task.rate_scale = a.rate_scale->const_data_ptr<float>()[seq];
+    task.h = a.h->const_data_ptr<float>()[seq];
+  }
+  return task;
+}
+
+// jump_step and sample_categorical: rows in parallel, each from its own Philox counters.
+at::Tensor draw_rows(const DrawArgs& a, double barrier, double temperature,
+                     const std::optional<at::Generator>& generator) {
+  const RowLayout& rows = a.rows;
+  auto out = at::empty({rows.B, rows.L}, a.logits.options().dtype(at::kLong));
   int64_t* out_ptr = out.data_ptr<int64_t>();
   const int64_t groups = (rows.V + kGroup - 1) / kGroup;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fsdfm_draw",
+  const uint64_t seed = draw_seed(generator);
+  const auto inv_temp = static_cast<float>(1.0 / temperature);
+  const auto b = static_cast<float>(barrier);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.logits.scalar_type(), "fsdfm_draw",
                                   [&] {
-    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    const scalar_t* base = a.logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows.rows(), grain_rows(rows.V), [&](int64_t begin, int64_t end) {
       std::vector<float> masses(groups);
       for (int64_t r = begin; r < end; ++r) {
         const RowUniforms u = row_uniforms(seed, 0, static_cast<uint64_t>(r));
-        out_ptr[r] = draw_row(base + rows.offset(r), rows.V, task_of(r), u, masses.data());
+        out_ptr[r] = draw_row(base + rows.offset(r), rows.V, row_task(a, r, inv_temp, b), u,
+                              masses.data());
       }
     });
   });
@@ -206,32 +226,16 @@ at::Tensor draw_rows(const at::Tensor& logits, const RowLayout& rows, uint64_t s
 at::Tensor jump_step_cpu(const at::Tensor& logits, const at::Tensor& x_t,
                          const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
                          double temperature, std::optional<at::Generator> generator) {
-  const DrawArgs a = jump_args(logits, x_t, rate_scale, h, barrier, temperature);
-  const int64_t* z = a.tokens->const_data_ptr<int64_t>();
-  const float* rate = a.rate_scale->const_data_ptr<float>();
-  const float* step = a.h->const_data_ptr<float>();
-  const float inv_temp = static_cast<float>(1.0 / temperature);
-  const auto b = static_cast<float>(barrier);
-  return draw_rows(a.logits, a.rows, draw_seed(generator), [&](int64_t r) {
-    const int64_t seq = r / a.rows.L;
-    return RowTask{inv_temp, b, z[r], true, rate[seq], step[seq]};
-  });
+  return draw_rows(jump_args(logits, x_t, rate_scale, h, barrier, temperature), barrier,
+                   temperature, generator);
 }
 
 at::Tensor sample_categorical_cpu(const at::Tensor& logits,
                                   const std::optional<at::Tensor>& exclude,
                                   int64_t exclude_token, double barrier, double temperature,
                                   std::optional<at::Generator> generator) {
-  const DrawArgs a = sample_args(logits, exclude, exclude_token, barrier, temperature);
-  const int64_t* ex = a.tokens ? a.tokens->const_data_ptr<int64_t>() : nullptr;
-  const float inv_temp = static_cast<float>(1.0 / temperature);
-  const auto b = static_cast<float>(barrier);
-  return draw_rows(a.logits, a.rows, draw_seed(generator), [&](int64_t r) {
-    // -1 means "no exclusion" only as exclude_token; in the tensor every id must be in [0, V),
-    // so a negative one is passed on as -2, which draw_row rejects (as the CUDA kernel does).
-    const int64_t excluded = ex ? (ex[r] < 0 ? -2 : ex[r]) : exclude_token;
-    return RowTask{inv_temp, b, excluded, false, 0.0f, 0.0f};
-  });
+  return draw_rows(sample_args(logits, exclude, exclude_token, barrier, temperature), barrier,
+                   temperature, generator);
 }
 
 // rates = max(rate_scale (p - onehot(z)), 0) on reachable x != z, 0 elsewhere; a row with a
@@ -262,14 +266,12 @@ void generator_row(const T* p, T* out, int64_t V, int64_t z, float rate, float b
 
 at::Tensor probs_to_generator_cpu(const at::Tensor& probs_in, const at::Tensor& x_t_in,
                                   const at::Tensor& rate_scale_in, double barrier) {
-  const at::Tensor probs = rows_of(probs_in, "probs");
-  const RowLayout rows = layout_of(probs);
-  const at::Tensor x_t = tokens_of(x_t_in, rows, probs, "x_t");
-  const at::Tensor rate_scale = per_sequence_of(rate_scale_in, rows.B, probs, "rate_scale");
-  check_barrier(barrier);
+  const GeneratorArgs a = generator_args(probs_in, x_t_in, rate_scale_in, barrier);
+  const at::Tensor& probs = a.probs;
+  const RowLayout& rows = a.rows;
   auto out = at::empty({rows.B, rows.L, rows.V}, probs.options());
-  const int64_t* z = x_t.const_data_ptr<int64_t>();
-  const float* rate = rate_scale.const_data_ptr<float>();
+  const int64_t* z = a.x_t.const_data_ptr<int64_t>();
+  const float* rate = a.rate_scale.const_data_ptr<float>();
   const auto b = static_cast<float>(barrier);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(),
                                   "fsdfm_probs_to_generator", [&] {

@@ -236,158 +236,137 @@ __device__ __forceinline__ float block_max(float v, bool flag, bool& any_flag, f
 }
 
 struct DrawParams {
+  DrawMode mode;
   const void* logits;
   int64_t L, stride_b, stride_l;  // row (b, l) starts at b * stride_b + l * stride_l elements
   int V;
-  const int64_t* tokens;  // per-row excluded token (x_t or exclude), must lie in [0, V); or null
-  int exclude_token;      // used when tokens is null: a token id, or -1 for none
-  const float* rate_scale;  // [B] for jump_step; null for sample_categorical
-  const float* h;           // [B] for jump_step
+  const int64_t* current;   // kJump: x_t [B, L], in [0, V)
+  const int64_t* exclude;   // kSample: the excluded token per row [B, L], in [0, V); or null
+  int exclude_token;        // kSample without `exclude`: one excluded id, or -1 for none
+  const float* rate_scale;  // kJump: [B]
+  const float* h;           // kJump: [B]
   float inv_temperature;
   float barrier;
   at::PhiloxCudaState philox;
   int64_t* out;
 };
 
-// One row of jump_step (params.rate_scale set) or sample_categorical.
+// ---- Stages of draw_kernel. Every stage that can end a row early decides on block-uniform
+// values only, so that whole blocks (or, after the statistics, whole warp 0) leave together.
+
+// The row's excluded destination: x_t (kJump) or the excluded token (kSample, -1 for none).
+// False for an id outside [0, V): the row is then invalid.
+__device__ __forceinline__ bool excluded_token(const DrawParams& a, int64_t r, int& excluded) {
+  const int64_t* per_row = a.mode == DrawMode::kJump ? a.current : a.exclude;
+  excluded = a.exclude_token;
+  if (per_row == nullptr) return true;
+  const int64_t e = __ldg(per_row + r);
+  excluded = static_cast<int>(e);
+  return e >= 0 && e < a.V;
+}
+
+// A finite barrier needs the row maximum before the allowed set is known: a first read of the
+// row for the maximum, then thr = m - barrier. False for a row that gives no distribution.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
-  using Bits = typename Elem<T>::Bits;
-  constexpr int kVec = Elem<T>::kVec;
-  __shared__ float s_max[kThreads];
-  __shared__ float s_total[kThreads];
-  __shared__ float s_allowed[kThreads];
-  __shared__ float s_warp[kWarps];
-
-  const int t = threadIdx.x;
-  const int64_t r = blockIdx.x;
-  const int64_t b = r / a.L;
-  const InRow<T> row(static_cast<const Bits*>(a.logits) + b * a.stride_b + (r - b * a.L) * a.stride_l,
-                     a.V);
-
-  // Every branch below that returns early depends on block-uniform values only.
-  int excluded = a.exclude_token;
-  if (a.tokens != nullptr) {
-    const int64_t e = __ldg(a.tokens + r);
-    if (e < 0 || e >= a.V) {
-      if (t == 0) a.out[r] = kInvalidToken;
-      return;
-    }
-    excluded = static_cast<int>(e);
-  }
-  const float inv_temp = a.inv_temperature;
-
-  float thr = kNegInf;  // barrier = +inf: every token is reachable, one read of the row
-  const bool finite_barrier = a.barrier < INFINITY;
-  if (finite_barrier) {
-    float mt = kNegInf;
-    for_each_unit(row, t, [&](int, const auto& v) {
+__device__ __forceinline__ bool barrier_threshold(const InRow<T>& row, float inv_temp,
+                                                  float barrier, float* s_warp, float& thr) {
+  float mt = kNegInf;
+  for_each_unit(row, threadIdx.x, [&](int, const auto& v) {
 #pragma unroll
-      for (const float x : v) mt = max_nan(mt, x * inv_temp);
-    });
-    const bool bad = !(mt == mt);
-    bool any_bad;
-    const float m = block_max(mt, bad, any_bad, s_warp);
-    if (!row_is_valid(m, any_bad)) {
-      if (t == 0) a.out[r] = kInvalidToken;
-      return;
-    }
-    thr = reach_threshold(m, a.barrier);
-  }
+    for (const float x : v) mt = max_nan(mt, x * inv_temp);
+  });
+  bool any_bad;
+  const float m = block_max(mt, !(mt == mt), any_bad, s_warp);
+  thr = reach_threshold(m, barrier);
+  return row_is_valid(m, any_bad);
+}
+
+// Row statistics, per thread: its tokens folded into an OnlineSoftmax, a unit at a time (the
+// one full read of the row when barrier = +inf).
+template <bool kThreshold, typename T>
+__device__ __forceinline__ OnlineSoftmax thread_statistics(const InRow<T>& row, float inv_temp,
+                                                           int excluded, float thr) {
   OnlineSoftmax st;
-  const auto stream = [&](auto threshold) {
-    for_each_unit(row, t, [&](int first, const auto& v) {
-      constexpr int n = sizeof(v) / sizeof(v[0]);
-      float s[n];
+  for_each_unit(row, threadIdx.x, [&](int first, const auto& v) {
+    constexpr int n = sizeof(v) / sizeof(v[0]);
+    float s[n];
 #pragma unroll
-      for (int i = 0; i < n; ++i) s[i] = v[i] * inv_temp;
-      st.add<decltype(threshold)::value>(s, first, excluded, thr);
-    });
-  };
-  if (finite_barrier) {
-    stream(std::true_type{});
-  } else {
-    stream(std::false_type{});
-  }
-  s_max[t] = st.m;
-  s_total[t] = st.total;
-  s_allowed[t] = st.allowed;
-  const bool bad = __syncthreads_or(st.bad) != 0;
-  if (t >= 32) return;
+    for (int i = 0; i < n; ++i) s[i] = v[i] * inv_temp;
+    st.add<kThreshold>(s, first, excluded, thr);
+  });
+  return st;
+}
 
-  // ---- Warp 0 from here on. Lane l holds the groups (threads) l*kRun .. l*kRun + kRun - 1.
-  const int lane = t;
-  float m = kNegInf;
-#pragma unroll
-  for (int i = 0; i < kRun; ++i) m = fmaxf(m, s_max[lane * kRun + i]);
-  m = warp_max(m);
-  if (!row_is_valid(m, bad)) {
-    if (lane == 0) a.out[r] = kInvalidToken;
-    return;
+// The thread partials of one row (shared memory, one entry per group = thread) combined by
+// warp 0. Lane l holds the groups l*kRun .. l*kRun + kRun - 1.
+struct Groups {
+  const float* max;      // [kThreads] each group's maximum m_g
+  const float* total;    // [kThreads] sum of e^(s - m_g) over the group
+  const float* allowed;  // [kThreads] the same over its allowed tokens
+  float m;               // the row maximum
+  double lane_w;         // this lane's allowed weight (float64, relative to m)
+  double incl_w;         // inclusive scan of lane_w over the lanes
+  RowMass mass;          // the row's totals relative to m
+
+  // Group weight w_g = allowed_g * e^(m_g - m) in float64 (deterministic: the draw recomputes
+  // the same values).
+  __device__ double weight(int g) const {
+    return static_cast<double>(allowed[g]) * rescale(max[g], m);
   }
-  // Group weight w_g = allowed_g * e^(m_g - m) in float64 (deterministic: the walk below
-  // recomputes the same values).
-  const auto group_weight = [&](int g) {
-    return static_cast<double>(s_allowed[g]) * rescale(s_max[g], m);
-  };
-  double lane_w = 0.0;
+};
+
+__device__ __forceinline__ Groups combine_groups(const float* s_max, const float* s_total,
+                                                 const float* s_allowed, int lane) {
+  Groups g{s_max, s_total, s_allowed, kNegInf, 0.0, 0.0, RowMass{}};
+#pragma unroll
+  for (int i = 0; i < kRun; ++i) g.m = fmaxf(g.m, s_max[lane * kRun + i]);
+  g.m = warp_max(g.m);
   double lane_z = 0.0;
 #pragma unroll
   for (int i = 0; i < kRun; ++i) {
-    const int g = lane * kRun + i;
-    lane_w += group_weight(g);
-    lane_z += static_cast<double>(s_total[g]) * rescale(s_max[g], m);
+    const int k = lane * kRun + i;
+    g.lane_w += g.weight(k);
+    lane_z += static_cast<double>(s_total[k]) * rescale(s_max[k], g.m);
   }
-  RowMass mass;
-  mass.total = warp_sum(lane_z);
-  const double incl_w = warp_inclusive_scan(lane_w, lane);
-  mass.allowed = __shfl_sync(kFullMask, incl_w, 31);
+  g.mass.total = warp_sum(lane_z);
+  g.incl_w = warp_inclusive_scan(g.lane_w, lane);
+  g.mass.allowed = __shfl_sync(kFullMask, g.incl_w, 31);
+  return g;
+}
 
-  const auto seeds = at::cuda::philox::unpack(a.philox);
-  const RowUniforms u = row_uniforms(std::get<0>(seeds), std::get<1>(seeds), static_cast<uint64_t>(r));
-  if (a.rate_scale != nullptr) {
-    const double p_jump = jump_probability(mass, __ldg(a.rate_scale + b), __ldg(a.h + b));
-    if (!(u.jump < p_jump)) {  // stay (always when nothing is allowed: p_jump = 0)
-      if (lane == 0) a.out[r] = excluded;
-      return;
-    }
-  } else if (!(mass.allowed > 0.0)) {
-    if (lane == 0) a.out[r] = kInvalidToken;  // nothing left to draw from
-    return;
-  }
-
-  // ---- Level 1: the group. InverseCdf semantics (first group whose running sum exceeds
-  // u.group * S_A, else the last positive one) with the running sums from a warp scan: the
-  // crossing lane is the first whose inclusive sum exceeds the target; it then walks its own
-  // kRun weights from its exclusive prefix. Requiring a positive lane sum keeps a lane whose
-  // scan value crossed only by rounding (with zero weight) from being chosen. Lanes with
-  // positive sums exist: mass.allowed > 0 is their sum.
-  int group;
-  {
-    double excl = __shfl_up_sync(kFullMask, incl_w, 1);
-    if (lane == 0) excl = 0.0;
-    InverseCdf pick(u.group, mass.allowed);
-    const unsigned hit = __ballot_sync(kFullMask, incl_w > pick.target && lane_w > 0.0);
-    const unsigned positive = __ballot_sync(kFullMask, lane_w > 0.0);
-    const int src = hit != 0 ? __ffs(hit) - 1 : 31 - __clz(positive);
-    int chosen = -1;
-    if (lane == src) {
-      pick.acc = excl;
+// Level 1 of the draw: the group. InverseCdf semantics (first group whose running sum exceeds
+// u * S_A, else the last positive one) with the running sums from a warp scan: the crossing lane
+// is the first whose inclusive sum exceeds the target; it then walks its own kRun weights from
+// its exclusive prefix. Requiring a positive lane sum keeps a lane whose scan value crossed only
+// by rounding (with zero weight) from being chosen. Needs mass.allowed > 0 (lanes with positive
+// sums exist).
+__device__ __forceinline__ int choose_group(const Groups& g, double u, int lane) {
+  double excl = __shfl_up_sync(kFullMask, g.incl_w, 1);
+  if (lane == 0) excl = 0.0;
+  InverseCdf pick(u, g.mass.allowed);
+  const unsigned hit = __ballot_sync(kFullMask, g.incl_w > pick.target && g.lane_w > 0.0);
+  const unsigned positive = __ballot_sync(kFullMask, g.lane_w > 0.0);
+  const int src = hit != 0 ? __ffs(hit) - 1 : 31 - __clz(positive);
+  int chosen = -1;
+  if (lane == src) {
+    pick.acc = excl;
 #pragma unroll
-      for (int i = 0; i < kRun; ++i) pick.offer(lane * kRun + i, group_weight(lane * kRun + i));
-      chosen = static_cast<int>(pick.result());  // >= 0: this lane has a positive weight
-    }
-    group = __shfl_sync(kFullMask, chosen, src);
+    for (int i = 0; i < kRun; ++i) pick.offer(lane * kRun + i, g.weight(lane * kRun + i));
+    chosen = static_cast<int>(pick.result());  // >= 0: this lane has a positive weight
   }
+  return __shfl_sync(kFullMask, chosen, src);
+}
 
-  // ---- Level 2: the token inside group j = thread j's element set, in its fixed order:
-  // head element (item 0 if j < head), body units j + T*i, tail element. Warp 0 does it
-  // cooperatively (lane l takes items l, l + 32, ...), since a serial walk by one thread would
-  // cost one dependent L2 round trip per unit (tens of microseconds for a GPT-2 row).
-  // Weights are taken relative to the group's own maximum m_j rather than m: the same
-  // proportions, but no group with positive mass can see all its weights flush to zero.
-  const int j = group;
-  const float mj = s_max[j];
+// Level 2 of the draw: the token inside group j = thread j's element set, in its fixed order:
+// head element (item 0 if j < head), body units j + T*i, tail element. Warp 0 does it
+// cooperatively (lane l takes items l, l + 32, ...), since a serial walk by one thread would
+// cost one dependent L2 round trip per unit (tens of microseconds for a GPT-2 row). Weights are
+// taken relative to the group's own maximum mj rather than m: the same proportions, but no
+// group with positive mass can see all its weights flush to zero.
+template <typename T>
+__device__ __forceinline__ int choose_token(const InRow<T>& row, int j, float mj, float inv_temp,
+                                            int excluded, float thr, double u, int lane) {
+  constexpr int kVec = Elem<T>::kVec;
   const int has_head = j < row.head ? 1 : 0;
   const int body = j < row.units ? (row.units - 1 - j) / kThreads + 1 : 0;
   const int items = has_head + body + (j < row.tail ? 1 : 0);
@@ -418,7 +397,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
     }
   };
 
-  // Pass A: the group's total W_j (float64), needed up front for the target u.within * W_j.
+  // Pass A: the group's total W_j (float64), needed up front for the target u * W_j.
   double lane_total = 0.0;
   for (int q = lane; q < items; q += 32) {
     float w[kVec];
@@ -432,7 +411,6 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
   // Pass B: 32 items per step, scanned, with the running sum carried between steps. The
   // crossing lane recomputes its item's weights (bit-identical, from L1) for the walk rather
   // than keeping them live across the scan: that keeps the kernel within 64 registers.
-  int token = static_cast<int>(kInvalidToken);
   int fallback = static_cast<int>(kInvalidToken);  // last positive weight seen so far
   double carry = 0.0;
   for (int base = 0; base < items; base += 32) {
@@ -452,7 +430,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
     const double incl = warp_inclusive_scan(lane_sum, lane) + carry;
     double excl = __shfl_up_sync(kFullMask, incl, 1);
     if (lane == 0) excl = carry;
-    const unsigned hit = __ballot_sync(kFullMask, incl > u.within * group_total && lane_sum > 0.0);
+    const unsigned hit = __ballot_sync(kFullMask, incl > u * group_total && lane_sum > 0.0);
     if (hit != 0) {
       const int src = __ffs(hit) - 1;
       int chosen = -1;
@@ -460,14 +438,13 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
         float w[kVec];
         int first;
         item_weights(q, w, first);
-        InverseCdf pick(u.within, group_total);
+        InverseCdf pick(u, group_total);
         pick.acc = excl;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) pick.offer(first + i, w[i]);
         chosen = static_cast<int>(pick.result());  // >= 0: lane_sum > 0
       }
-      token = __shfl_sync(kFullMask, chosen, src);
-      break;
+      return __shfl_sync(kFullMask, chosen, src);
     }
     const unsigned positive = __ballot_sync(kFullMask, lane_sum > 0.0);
     if (positive != 0) fallback = __shfl_sync(kFullMask, last_positive, 31 - __clz(positive));
@@ -476,8 +453,59 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
   // No crossing: rounding left the running sum short of the target, so InverseCdf takes the
   // last positive weight. (Should the group hold no positive weight at all, which its positive
   // mass rules out, the row reports kInvalidToken rather than an arbitrary token.)
-  if (token < 0) token = fallback;
-  if (lane == 0) a.out[r] = token;
+  return fallback;
+}
+
+// One row of jump_step (DrawMode::kJump) or sample_categorical (DrawMode::kSample): the row
+// statistics, then warp 0 combines them, decides stay or jump (kJump) and draws in two levels.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
+  using Bits = typename Elem<T>::Bits;
+  __shared__ float s_max[kThreads];
+  __shared__ float s_total[kThreads];
+  __shared__ float s_allowed[kThreads];
+  __shared__ float s_warp[kWarps];
+
+  const int t = threadIdx.x;
+  const int64_t r = blockIdx.x;
+  const int64_t b = r / a.L;
+  const InRow<T> row(static_cast<const Bits*>(a.logits) + b * a.stride_b + (r - b * a.L) * a.stride_l,
+                     a.V);
+  const auto finish = [&](int64_t token) {
+    if (t == 0) a.out[r] = token;
+  };
+
+  int excluded;
+  if (!excluded_token(a, r, excluded)) return finish(kInvalidToken);
+  const float inv_temp = a.inv_temperature;
+  float thr = kNegInf;  // barrier = +inf: every token is reachable, one read of the row
+  const bool finite_barrier = a.barrier < INFINITY;
+  if (finite_barrier && !barrier_threshold(row, inv_temp, a.barrier, s_warp, thr)) {
+    return finish(kInvalidToken);
+  }
+  const OnlineSoftmax st = finite_barrier ? thread_statistics<true>(row, inv_temp, excluded, thr)
+                                          : thread_statistics<false>(row, inv_temp, excluded, thr);
+  s_max[t] = st.m;
+  s_total[t] = st.total;
+  s_allowed[t] = st.allowed;
+  const bool bad = __syncthreads_or(st.bad) != 0;
+  if (t >= 32) return;
+
+  // ---- Warp 0 from here on.
+  const int lane = t;
+  const Groups groups = combine_groups(s_max, s_total, s_allowed, lane);
+  if (!row_is_valid(groups.m, bad)) return finish(kInvalidToken);
+  const auto seeds = at::cuda::philox::unpack(a.philox);
+  const RowUniforms u = row_uniforms(std::get<0>(seeds), std::get<1>(seeds), static_cast<uint64_t>(r));
+  if (a.mode == DrawMode::kJump) {
+    const double p_jump = jump_probability(groups.mass, __ldg(a.rate_scale + b), __ldg(a.h + b));
+    // Stay (always when nothing is allowed: p_jump = 0).
+    if (!(u.jump < p_jump)) return finish(excluded);
+  } else if (!(groups.mass.allowed > 0.0)) {
+    return finish(kInvalidToken);  // nothing left to draw from
+  }
+  const int j = choose_group(groups, u.group, lane);
+  finish(choose_token(row, j, s_max[j], inv_temp, excluded, thr, u.within, lane));
 }
 
 struct GeneratorParams {
@@ -637,39 +665,43 @@ void check_grid(const RowLayout& rows) {
                     " rows exceed the CUDA grid limit of 2^31 - 1");
 }
 
-at::Tensor draw_rows(const at::Tensor& logits, const RowLayout& rows, const int64_t* tokens,
-                     int64_t exclude_token, const float* rate_scale, const float* h,
-                     double barrier, double temperature,
+at::Tensor draw_rows(const DrawArgs& args, double barrier, double temperature,
                      const std::optional<at::Generator>& generator) {
-  at::Tensor out = at::empty({rows.B, rows.L}, logits.options().dtype(at::kLong));
+  const RowLayout& rows = args.rows;
+  at::Tensor out = at::empty({rows.B, rows.L}, args.logits.options().dtype(at::kLong));
   if (rows.rows() == 0) return out;
   check_grid(rows);
 
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator(logits.device().index()));
+      generator, at::cuda::detail::getDefaultCUDAGenerator(args.logits.device().index()));
   at::PhiloxCudaState philox;
   {
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(kRowWords);
   }
 
+  const auto pointer = [](const std::optional<at::Tensor>& t) -> const int64_t* {
+    return t ? t->const_data_ptr<int64_t>() : nullptr;
+  };
   DrawParams p;
-  p.logits = logits.const_data_ptr();
+  p.mode = args.mode;
+  p.logits = args.logits.const_data_ptr();
   p.L = rows.L;
   p.stride_b = rows.stride_b;
   p.stride_l = rows.stride_l;
   p.V = static_cast<int>(rows.V);
-  p.tokens = tokens;
-  p.exclude_token = static_cast<int>(exclude_token);
-  p.rate_scale = rate_scale;
-  p.h = h;
+  p.current = pointer(args.current);
+  p.exclude = pointer(args.exclude);
+  p.exclude_token = static_cast<int>(args.exclude_token);
+  p.rate_scale = args.rate_scale ? args.rate_scale->const_data_ptr<float>() : nullptr;
+  p.h = args.h ? args.h->const_data_ptr<float>() : nullptr;
   p.inv_temperature = static_cast<float>(1.0 / temperature);
   p.barrier = static_cast<float>(barrier);
   p.philox = philox;
   p.out = out.mutable_data_ptr<int64_t>();
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(logits.scalar_type(), [&](auto tag) {
+  dispatch_float(args.logits.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     draw_kernel<T><<<static_cast<unsigned>(rows.rows()), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -682,9 +714,7 @@ at::Tensor jump_step_cuda(const at::Tensor& logits, const at::Tensor& x_t,
                           double temperature, std::optional<at::Generator> generator) {
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
-  const DrawArgs a = jump_args(logits, x_t, rate_scale, h, barrier, temperature);
-  return draw_rows(a.logits, a.rows, a.tokens->const_data_ptr<int64_t>(), -1,
-                   a.rate_scale->const_data_ptr<float>(), a.h->const_data_ptr<float>(), barrier,
+  return draw_rows(jump_args(logits, x_t, rate_scale, h, barrier, temperature), barrier,
                    temperature, generator);
 }
 
@@ -694,20 +724,17 @@ at::Tensor sample_categorical_cuda(const at::Tensor& logits,
                                    std::optional<at::Generator> generator) {
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
-  const DrawArgs a = sample_args(logits, exclude, exclude_token, barrier, temperature);
-  return draw_rows(a.logits, a.rows, a.tokens ? a.tokens->const_data_ptr<int64_t>() : nullptr,
-                   a.exclude_token, nullptr, nullptr, barrier, temperature, generator);
+  return draw_rows(sample_args(logits, exclude, exclude_token, barrier, temperature), barrier,
+                   temperature, generator);
 }
 
 at::Tensor probs_to_generator_cuda(const at::Tensor& probs_in, const at::Tensor& x_t_in,
                                    const at::Tensor& rate_scale_in, double barrier) {
   check_cuda(probs_in, "probs");
   const c10::cuda::CUDAGuard guard(probs_in.device());
-  const at::Tensor probs = rows_of(probs_in, "probs");
-  const RowLayout rows = layout_of(probs);
-  const at::Tensor x_t = tokens_of(x_t_in, rows, probs, "x_t");
-  const at::Tensor rate_scale = per_sequence_of(rate_scale_in, rows.B, probs, "rate_scale");
-  check_barrier(barrier);
+  const GeneratorArgs a = generator_args(probs_in, x_t_in, rate_scale_in, barrier);
+  const at::Tensor& probs = a.probs;
+  const RowLayout& rows = a.rows;
   at::Tensor out = at::empty({rows.B, rows.L, rows.V}, probs.options());
   if (rows.rows() == 0) return out;
   check_grid(rows);
@@ -718,8 +745,8 @@ at::Tensor probs_to_generator_cuda(const at::Tensor& probs_in, const at::Tensor&
   p.stride_b = rows.stride_b;
   p.stride_l = rows.stride_l;
   p.V = static_cast<int>(rows.V);
-  p.x_t = x_t.const_data_ptr<int64_t>();
-  p.rate_scale = rate_scale.const_data_ptr<float>();
+  p.x_t = a.x_t.const_data_ptr<int64_t>();
+  p.rate_scale = a.rate_scale.const_data_ptr<float>();
   // e^-barrier in float, as the CPU kernel computes it (std::exp of the float barrier).
   const float b = static_cast<float>(barrier);
   p.finite_barrier = b < INFINITY;

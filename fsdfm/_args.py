@@ -1,0 +1,84 @@
+"""Argument checks shared by the public entry points (``fsdfm.sample``, the op wrappers, the
+model's forward, the metrics): each raises one ``TypeError`` / ``ValueError`` that names the
+argument, in the manner of PyTorch's own argument errors. Inner loops get checked values and
+check nothing again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1 (bools are refused: True is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def per_sequence(
+    value: float | torch.Tensor,
+    batch: int,
+    device: torch.device,
+    name: str,
+    *,
+    non_negative: bool = False,
+    move: bool = False,
+) -> torch.Tensor:
+    """A per-sequence scalar given as a number or a 0-d / [B] floating-point tensor, as a float32
+    [B] tensor on ``device``. A tensor elsewhere is an error unless ``move`` (then it is copied
+    there without synchronising). Numbers are checked for NaN (and, with ``non_negative``, for
+    negative values); tensors are not read, which on CUDA would synchronise."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a float or a floating-point [B] tensor, got {value.dtype}"
+            )
+        if value.dim() == 0:
+            value = value.expand(batch)
+        if tuple(value.shape) != (batch,):
+            raise ValueError(
+                f"{name} must be a float or have shape [B] = [{batch}], got {tuple(value.shape)}"
+            )
+        if value.device != device and not move:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        return value.to(device=device, dtype=torch.float32).contiguous()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
+    if math.isnan(value) or (non_negative and value < 0):
+        raise ValueError(f"{name} must be {'>= 0' if non_negative else 'a number'}, got {value}")
+    return torch.full((batch,), float(value), dtype=torch.float32, device=device)
+
+
+def resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:
+    """``device`` as a torch.device, CUDA when available if None; a CUDA device that this
+    machine lacks is a ValueError naming ``name``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{name} must be a device such as 'cpu' or 'cuda', got {device!r}"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {device} but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name} is {device} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)"
+            )
+    return device
+
+
+def model_device(model) -> torch.device | None:
+    """The device of a module's first parameter (or buffer); None for other callables."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+        for tensor in model.buffers():
+            return tensor.device
+    return None

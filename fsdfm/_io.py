@@ -1,0 +1,118 @@
+"""Files that are never seen half-written, used by every writer of fsdfm (models, token files,
+training state): git's write-then-rename.
+
+A file is written under a temporary name beside its target (``NAME.tmp-<pid>-<random>``, so
+that the rename stays on one file system), flushed and fsynced, then renamed over the target;
+the directory is fsynced so that the rename itself survives a power cut. A reader sees the old
+file or the new one, never a mix. :class:`Staging` does this for several files that are renamed
+together in a chosen order; temporaries that a killed process leaves behind are recognised by
+their ``.tmp-`` mark (:func:`remove_stale_temporaries`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+TMP_MARK = ".tmp-"
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary name beside ``path``, marked as ours."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (so that a rename in it is durable); best effort, since some
+    file systems refuse to open or sync directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Staging:
+    """Files written under temporary names and renamed into place by :meth:`commit`, in the
+    order they were staged; on leaving the ``with`` block every temporary that was not committed
+    is removed (an error while writing leaves the targets as they were)::
+
+        with Staging() as stage:
+            stage.write(directory / "data.bin", lambda f: f.write(payload))
+            stage.write(directory / "data.json", lambda f: f.write(sidecar))  # renamed last
+            stage.commit()
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, target)
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+
+    def write(self, target: Path, write: Callable[[BinaryIO], object]) -> None:
+        """Stage ``target`` with the bytes that ``write(file)`` writes into an open binary file."""
+        tmp = self._reserve(target)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_path(self, target: Path, write: Callable[[Path], object]) -> None:
+        """Stage ``target`` with a writer that takes a path (libraries that open the file
+        themselves, such as safetensors); the file gets the usual permissions (0666 less the
+        umask) whatever mode the writer created it with."""
+        tmp = self._reserve(target)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
+        fsync_path(tmp)
+
+    def _reserve(self, target: Path) -> Path:
+        tmp = temporary_name(Path(target))
+        self._staged.append((tmp, Path(target)))
+        return tmp
+
+    def commit(self) -> None:
+        """Rename every staged file over its target, in order, and make the renames durable."""
+        directories = []
+        for tmp, target in self._staged:
+            os.replace(tmp, target)
+            if target.parent not in directories:
+                directories.append(target.parent)
+        self._staged.clear()
+        for directory in directories:
+            fsync_path(directory)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace ``path`` with what ``write(file)`` writes, atomically (see the module)."""
+    with Staging() as stage:
+        stage.write(Path(path), write)
+        stage.commit()
+
+
+def remove_stale_temporaries(*directories: Path) -> None:
+    """Remove the temporaries that a killed writer left in ``directories``."""
+    for directory in directories:
+        if Path(directory).is_dir():
+            for stale in Path(directory).glob(f"*{TMP_MARK}*"):
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)

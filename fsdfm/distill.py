@@ -1,0 +1,138 @@
+"""FS-DFM distillation (SPEC 4.2): the step-size law, the student's initialisation and the
+shortcut teacher.
+
+The student is the teacher's network with the step size h as a second condition
+(:func:`student_from_teacher`). Per sequence h = 2^-k, k = 0..K (grid = 2^K) with P(h)
+proportional to 1/h, and t = j / grid with t + h <= 1 (:func:`sample_step_sizes`). The smallest
+steps are trained on data; every larger step learns, by forward KL, the logits of the shortcut
+teacher: two steps of size h/2 taken by an EMA copy of the student itself
+(:func:`shortcut_teacher`, RK-4 or Heun weighting), so that one big step agrees with two small
+ones at every level of the grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fsdfm import ops
+from fsdfm.model import FSDFMTransformer
+from fsdfm.path import PolynomialSchedule
+
+__all__ = ["TEACHER_TYPES", "sample_step_sizes", "shortcut_teacher", "student_from_teacher"]
+
+TEACHER_TYPES = ("rk4", "heun")
+
+
+def sample_step_sizes(
+    n: int, grid: int = 1024, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """(h, t), float64 [n] on the CPU: h = 2^-k, k in 0..K (grid = 2^K) with P(h) = (1/h) / sum
+    over the h of 1/h, i.e. P(k) = 2^k / (2^(K+1) - 1); t = j / grid with j uniform on
+    {0, .., grid - grid h}, so that t + h <= 1."""
+    levels = grid.bit_length() - 1
+    weights = 2.0 ** torch.arange(levels + 1, dtype=torch.float64)
+    k = torch.multinomial(weights, n, replacement=True, generator=generator)
+    slots = grid - torch.div(grid, 2**k, rounding_mode="floor") + 1  # number of allowed j
+    u = torch.rand(n, dtype=torch.float64, generator=generator)
+    j = (u * slots).floor()
+    return 2.0 ** (-k.double()), j / grid
+
+
+def student_from_teacher(teacher: FSDFMTransformer, **config_changes) -> FSDFMTransformer:
+    """A step-conditioned student with the teacher's weights (SPEC 4.2); ``config_changes``
+    (e.g. seq_len, dropout) go to its ModelConfig. A teacher that is already a student is copied.
+
+    The new layers start so that the student computes the teacher's function for every h:
+    with t_emb, h_emb the embeddings (each c wide), the teacher conditions every block on
+    SiLU(t_emb). The student's time_condition_fuser gets W = [[I, 0], [-I, 0]], b = 0, so
+    c_vec = SiLU(W [t_emb; h_emb]) = [SiLU(t_emb); SiLU(-t_emb)], and every condition_fuser gets
+    W = [I, -I], b = 0, so it yields SiLU(SiLU(t_emb) - SiLU(-t_emb)) = SiLU(t_emb), because
+    SiLU(x) - SiLU(-x) = x (sigma(x) + sigma(-x)) = x. Exact up to the rounding of that
+    difference (fp32 on the CPU; under bf16 autocast on CUDA, bf16 rounding). dt_embedding
+    keeps its fresh initialisation: h enters through the fuser's h columns, which start at zero
+    but receive gradient from the first step."""
+    if teacher.config.step_conditioned:
+        student = FSDFMTransformer(teacher.config.replace(**config_changes))
+        student.load_state_dict(teacher.state_dict())
+        student.tokenizer_name = teacher.tokenizer_name
+        return student
+    student = FSDFMTransformer(teacher.config.replace(step_conditioned=True, **config_changes))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    new_layers = ("dt_embedding.", "time_condition_fuser.", "condition_fuser.")
+    if unexpected or not all(any(p in k for p in new_layers) for k in missing):
+        raise ValueError(
+            f"the teacher's weights do not fit a student of its shape (unexpected: "
+            f"{sorted(unexpected)[:4]}, missing: {sorted(missing)[:4]})"
+        )
+    c = teacher.config.cond_dim
+    eye = torch.eye(c)
+    with torch.no_grad():
+        fuser = student.time_condition_fuser
+        fuser.weight.zero_()
+        fuser.weight[:c, :c] = eye
+        fuser.weight[c:, :c] = -eye
+        fuser.bias.zero_()
+        for layer in [*student.blocks, student.output_layer]:
+            layer.condition_fuser.weight.copy_(torch.cat([eye, -eye], dim=1))
+            layer.condition_fuser.bias.zero_()
+    student.tokenizer_name = teacher.tokenizer_name
+    return student
+
+
+@torch.no_grad()
+def shortcut_teacher(
+    model,
+    x_t: Tensor,
+    t: Tensor,
+    h: Tensor,
+    kind: str = "rk4",
+    *,
+    schedule: PolynomialSchedule | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The shortcut teacher's logits [n, L, V] (fp32) for a step of size h from (x_t, t), made of
+    steps of size h/2 by ``model`` (the EMA student, always conditioned on h/2); x_t [n, L], t and
+    h [n]. With f(x, s) = model(x, s, h/2) and J(l, x, s) the FS-DFM jump of size h/2 from time s
+    (:func:`fsdfm.ops.jump_step` with rate_scale = alpha(s, h/2), SPEC 2.1):
+
+    - "rk4": l1 = f(x_t, t), x1 = J(l1, x_t, t); l2 = f(x1, t + h/2), x2 = J(l2, x1, t + h/2);
+      l3 = f(x2, t + h/2), x3 = J(l3, x2, t + h/2); l4 = f(x3, t + h);
+      result (l1 + 2 l2 + 2 l3 + l4) / 6 (the jumps are chained, as in the reference);
+    - "heun": l1 = f(x_t, t), x1 = J(l1, x_t, t); l2 = f(x1, t + h/2); result (l1 + l2) / 2:
+      the two half steps that cover [t, t + h], each evaluated at its own start.
+
+    Averages in fp32, accumulated in place in l1 (the model's output is owned here). The jump
+    scalars are computed in float64 from t and h. No gradient."""
+    if kind not in TEACHER_TYPES:
+        raise ValueError(f"kind must be one of {TEACHER_TYPES}, got {kind!r}")
+    schedule = schedule or PolynomialSchedule()
+    device = x_t.device
+    t = t.to(device=device, dtype=torch.float64)
+    half = h.to(device=device, dtype=torch.float64) / 2
+    half32 = half.float()
+    draw = ops.Kernels("auto", device)
+
+    def evaluate(x: Tensor, s: Tensor) -> Tensor:
+        return model(x, s.float(), half32).float()
+
+    def step(logits: Tensor, x: Tensor, s: Tensor) -> Tensor:
+        rate = schedule.cumulative_scalar(s, half).float()
+        return draw.jump(logits, x, rate, half32, math.inf, 1.0, generator)
+
+    mid = t + half
+    l1 = evaluate(x_t, t)
+    x1 = step(l1, x_t, t)
+    if kind == "heun":
+        return l1.add_(evaluate(x1, mid)).mul_(0.5)
+    l2 = evaluate(x1, mid)
+    x2 = step(l2, x1, mid)
+    l1.add_(l2, alpha=2.0)
+    del l2
+    l3 = evaluate(x2, mid)
+    x3 = step(l3, x2, mid)
+    l1.add_(l3, alpha=2.0)
+    del l3
+    return l1.add_(evaluate(x3, t + 2 * half)).div_(6.0)
