@@ -6,6 +6,7 @@ Build with `python setup.py build_ext --inplace` or `pip install --no-build-isol
 """
 
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -24,7 +25,14 @@ sources = ["csrc/bindings.cpp", "csrc/cpu/ops_cpu.cpp"]
 # The language standard is torch's own (C++17 for torch 2.11, C++20 for 2.13); the sources are
 # C++17, which CI checks by building against torch 2.11 and with CMake.
 # -fno-trapping-math lets GCC if-convert the selects of the CPU loops and so vectorise them.
+# -fopenmp: at::parallel_for is an inline header that runs on OpenMP threads only where _OPENMP
+# is defined; without it every row runs on one thread whatever torch.get_num_threads() says.
+# The OpenMP runtime is torch's own (the libgomp.so.1 that libtorch_cpu already loaded).
 flags = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math"]}
+link = []
+if sys.platform.startswith("linux"):
+    flags["cxx"].append("-fopenmp")
+    link.append("-fopenmp")
 Extension = CppExtension
 if with_cuda:
     sources.append("csrc/cuda/ops_cuda.cu")
@@ -34,7 +42,11 @@ if with_cuda:
 setup(
     ext_modules=[
         Extension(
-            "fsdfm._C", sources, include_dirs=[os.path.abspath("csrc")], extra_compile_args=flags
+            "fsdfm._C",
+            sources,
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args=flags,
+            extra_link_args=link,
         )
     ],
     cmdclass={"build_ext": BuildExtension},

@@ -23,8 +23,21 @@ TORCH_LIBRARY(fsdfm, m) {
       {at::Tag::nondeterministic_seeded});
 }
 
-// No Python-level functions: the module exists so that `import fsdfm._C` loads the library.
+// The module exists so that `import fsdfm._C` loads the library; its one function says how the
+// CPU kernels were built: the OpenMP version (yyyymm) when at::parallel_for runs on OpenMP
+// threads, 0 when every row runs on the calling thread.
+static PyObject* openmp_version(PyObject*, PyObject*) {
+#if defined(_OPENMP)
+  return PyLong_FromLong(_OPENMP);
+#else
+  return PyLong_FromLong(0);
+#endif
+}
+
 PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"openmp_version", openmp_version, METH_NOARGS, "OpenMP version of the CPU kernels, or 0"},
+      {nullptr, nullptr, 0, nullptr}};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

@@ -2,6 +2,7 @@
 edge cases, errors that name the argument, opcheck and torch.compile."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -76,19 +77,39 @@ def test_same_seed_same_tokens(device, op):
     assert torch.equal(d, fn(*args)), "the default generator is honoured"
 
 
-def test_tokens_do_not_depend_on_thread_count():
-    """Counter-based noise per row: the draw is the same with 1 thread as with several."""
-    logits = torch.randn(4, 64, 3001)
-    x_t = torch.randint(0, 3001, (4, 64))
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP build on Linux")
+def test_cpu_kernels_run_on_openmp_threads():
+    """Without -fopenmp at::parallel_for runs every row on the calling thread, and the test
+    below would pass trivially."""
+    from fsdfm import _C
+
+    assert _C.openmp_version() >= 201511
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tokens_do_not_depend_on_thread_count(dtype):
+    """Counter-based noise per row: the draws are the same with 1, 2 and 4 threads."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(4, 64, 3001, generator=g) * 2).to(dtype)
+    x_t = torch.randint(0, 3001, (4, 64), generator=g)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = ops.jump_step(logits, x_t, 2.0, 0.5, generator=torch.Generator().manual_seed(0))
-        torch.set_num_threads(max(2, threads))
-        many = ops.jump_step(logits, x_t, 2.0, 0.5, generator=torch.Generator().manual_seed(0))
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            seeded = {"generator": torch.Generator().manual_seed(0)}
+            results.append(
+                (
+                    ops.jump_step(logits, x_t, 2.0, 0.5, **seeded),
+                    ops.sample_categorical(logits, **seeded),
+                    ops.probs_to_generator(logits.float().softmax(-1), x_t, 2.0),
+                )
+            )
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, many)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_edge_rows(device):

@@ -1,6 +1,13 @@
-// CPU kernels of the fsdfm ops: rows in parallel (at::parallel_for), each row streamed in
-// blocks of kGroup tokens whose inner loops the compiler vectorises (kLanes independent
-// accumulators, so no floating-point reassociation is needed).
+// CPU kernels of the fsdfm ops: rows in parallel (at::parallel_for, OpenMP threads), each row
+// streamed in blocks of kGroup tokens whose inner loops the compiler vectorises (kLanes
+// independent accumulators, so no floating-point reassociation is needed).
+//
+// Instruction sets: the row kernels are compiled for AVX2 and for the baseline x86-64 and the
+// variant is chosen once, when the library loads (GCC / Clang function multiversioning,
+// `target_clones`), so a shipped build uses the vector width of the CPU it runs on without
+// -march=native. kLanes = 8 is one AVX2 vector of floats; both variants do the same IEEE
+// operations in the same order (no FMA: the clones do not enable it), so they give the same
+// bits, and every row depends only on its own counters: the same tokens for any thread count.
 //
 // A row of jump_step / sample_categorical is read twice (the second read comes from cache,
 // a GPT-2 row being 100-200 KB): pass 0 finds the maximum, pass 1 computes e^(s - m) once per
@@ -21,6 +28,15 @@
 #include "fsdfm/row_math.h"
 #include "ops_common.h"
 
+// The row kernels are always inlined into the per-dtype entry points below, so that each
+// instruction-set clone of an entry point holds its own vectorised copy of the loops.
+#define FSDFM_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FSDFM_ISA_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FSDFM_ISA_CLONES
+#endif
+
 namespace fsdfm {
 namespace {
 
@@ -28,13 +44,13 @@ constexpr int64_t kGroup = 64;  // tokens per block of the two-level draw
 constexpr int kLanes = 8;       // independent accumulators per inner loop (a vector's width)
 
 template <typename T>
-inline float to_float(T v) {
+FSDFM_INLINE float to_float(T v) {
   return static_cast<float>(v);
 }
 
 // Pass 0: maximum of a row and whether it holds a NaN.
 template <typename T>
-void row_max(const T* row, int64_t V, float& m_out, bool& bad_out) {
+FSDFM_INLINE void row_max(const T* row, int64_t V, float& m_out, bool& bad_out) {
   float m[kLanes];
   int nan[kLanes];
   for (int j = 0; j < kLanes; ++j) {
@@ -67,7 +83,7 @@ void row_max(const T* row, int64_t V, float& m_out, bool& bad_out) {
 // Masses of one block of n <= kGroup tokens starting at `first`: every token (total) and the
 // reachable ones (s >= thr). The excluded token is handled by the caller.
 template <typename T>
-inline void block_mass(const T* row, int64_t first, int64_t n, float inv_temp, float m, float thr,
+FSDFM_INLINE void block_mass(const T* row, int64_t first, int64_t n, float inv_temp, float m, float thr,
                        float& total, float& allowed) {
   float tot[kLanes] = {};
   float al[kLanes] = {};
@@ -109,7 +125,7 @@ struct RowTask {
 
 // One row of jump_step / sample_categorical; `masses` is scratch of ceil(V / kGroup) floats.
 template <typename T>
-int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms& u,
+FSDFM_INLINE int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms& u,
                  float* masses) {
   if (!task.valid) return kInvalidToken;
   float lmax;
@@ -170,6 +186,48 @@ int64_t draw_row(const T* row, int64_t V, const RowTask& task, const RowUniforms
   return pick_token.result();
 }
 
+// rates = max(rate_scale (p - onehot(z)), 0) on reachable x != z, 0 elsewhere; a row with a
+// NaN or negative probability or an out-of-range z is filled with NaN.
+template <typename T>
+FSDFM_INLINE void generator_row(const T* p, T* out, int64_t V, int64_t z, float rate, float barrier) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  bool bad = z < 0 || z >= V;
+  float thr = kNegInf;
+  if (!bad && barrier < INFINITY) {
+    float pmax;
+    row_max(p, V, pmax, bad);
+    thr = pmax * std::exp(-barrier);
+  }
+  const float r = rate > 0.0f ? rate : 0.0f;
+  int neg = 0;
+  for (int64_t x = 0; x < V && !bad; ++x) {
+    const float v = to_float(p[x]);
+    neg |= !(v >= 0.0f);  // also true for NaN
+    out[x] = static_cast<T>(v >= thr ? r * v : 0.0f);
+  }
+  if (bad || neg) {
+    for (int64_t x = 0; x < V; ++x) out[x] = static_cast<T>(nan);
+  } else {
+    out[z] = static_cast<T>(0.0f);
+  }
+}
+
+// The per-dtype entry points of the row kernels, one clone per instruction set.
+#define FSDFM_ROW_ENTRY_POINTS(T)                                                              \
+  FSDFM_ISA_CLONES int64_t draw_row_isa(const T* row, int64_t V, const RowTask& task,           \
+                                        const RowUniforms& u, float* masses) {                 \
+    return draw_row(row, V, task, u, masses);                                                  \
+  }                                                                                            \
+  FSDFM_ISA_CLONES void generator_row_isa(const T* p, T* out, int64_t V, int64_t z, float rate, \
+                                          float barrier) {                                     \
+    generator_row(p, out, V, z, rate, barrier);                                                \
+  }
+FSDFM_ROW_ENTRY_POINTS(float)
+FSDFM_ROW_ENTRY_POINTS(double)  // instantiated by AT_DISPATCH; rows_of never lets it through
+FSDFM_ROW_ENTRY_POINTS(c10::Half)
+FSDFM_ROW_ENTRY_POINTS(c10::BFloat16)
+#undef FSDFM_ROW_ENTRY_POINTS
+
 uint64_t draw_seed(const std::optional<at::Generator>& generator) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       generator, at::detail::getDefaultCPUGenerator());
@@ -215,8 +273,8 @@ at::Tensor draw_rows(const DrawArgs& a, double barrier, double temperature,
       std::vector<float> masses(groups);
       for (int64_t r = begin; r < end; ++r) {
         const RowUniforms u = row_uniforms(seed, 0, static_cast<uint64_t>(r));
-        out_ptr[r] = draw_row(base + rows.offset(r), rows.V, row_task(a, r, inv_temp, b), u,
-                              masses.data());
+        out_ptr[r] = draw_row_isa(base + rows.offset(r), rows.V, row_task(a, r, inv_temp, b), u,
+                                  masses.data());
       }
     });
   });
@@ -238,32 +296,6 @@ at::Tensor sample_categorical_cpu(const at::Tensor& logits,
                    temperature, generator);
 }
 
-// rates = max(rate_scale (p - onehot(z)), 0) on reachable x != z, 0 elsewhere; a row with a
-// NaN or negative probability or an out-of-range z is filled with NaN.
-template <typename T>
-void generator_row(const T* p, T* out, int64_t V, int64_t z, float rate, float barrier) {
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  bool bad = z < 0 || z >= V;
-  float thr = kNegInf;
-  if (!bad && barrier < INFINITY) {
-    float pmax;
-    row_max(p, V, pmax, bad);
-    thr = pmax * std::exp(-barrier);
-  }
-  const float r = rate > 0.0f ? rate : 0.0f;
-  int neg = 0;
-  for (int64_t x = 0; x < V && !bad; ++x) {
-    const float v = to_float(p[x]);
-    neg |= !(v >= 0.0f);  // also true for NaN
-    out[x] = static_cast<T>(v >= thr ? r * v : 0.0f);
-  }
-  if (bad || neg) {
-    for (int64_t x = 0; x < V; ++x) out[x] = static_cast<T>(nan);
-  } else {
-    out[z] = static_cast<T>(0.0f);
-  }
-}
-
 at::Tensor probs_to_generator_cpu(const at::Tensor& probs_in, const at::Tensor& x_t_in,
                                   const at::Tensor& rate_scale_in, double barrier) {
   const GeneratorArgs a = generator_args(probs_in, x_t_in, rate_scale_in, barrier);
@@ -279,7 +311,7 @@ at::Tensor probs_to_generator_cpu(const at::Tensor& probs_in, const at::Tensor& 
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows.rows(), grain_rows(rows.V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        generator_row(in + rows.offset(r), o + r * rows.V, rows.V, z[r], rate[r / rows.L], b);
+        generator_row_isa(in + rows.offset(r), o + r * rows.V, rows.V, z[r], rate[r / rows.L], b);
       }
     });
   });
