@@ -21,7 +21,7 @@ if mode == "1" and not cuda_possible:
 with_cuda = mode == "1" or (mode == "auto" and cuda_possible)
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
-sources = ["csrc/bindings.cpp", "csrc/cpu/ops_cpu.cpp"]
+sources = ["csrc/bindings.cpp", "csrc/cpu/ops_cpu.cpp", "csrc/cpu/head_cpu.cpp"]
 # The language standard is torch's own (C++17 for torch 2.11, C++20 for 2.13); the sources are
 # C++17, which CI checks by building against torch 2.11 and with CMake.
 # -fno-trapping-math lets GCC if-convert the selects of the CPU loops and so vectorise them.
@@ -35,7 +35,7 @@ if sys.platform.startswith("linux"):
     link.append("-fopenmp")
 Extension = CppExtension
 if with_cuda:
-    sources.append("csrc/cuda/ops_cuda.cu")
+    sources += ["csrc/cuda/ops_cuda.cu", "csrc/cuda/head_cuda.cu"]
     flags["nvcc"] = ["-O3", "-lineinfo"]
     Extension = CUDAExtension
 

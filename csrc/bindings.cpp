@@ -21,6 +21,16 @@ TORCH_LIBRARY(fsdfm, m) {
       "sample_categorical(Tensor logits, Tensor? exclude, int exclude_token, float barrier, "
       "float temperature, Generator? generator) -> Tensor",
       {at::Tag::nondeterministic_seeded});
+  // The fused head: jump_step and sample_categorical on logits = hidden @ weight^T + bias
+  // (hidden [B, L, d], weight [V, d], bias [V]) made a vocabulary tile at a time, never whole.
+  m.def(
+      "head_jump_step(Tensor hidden, Tensor weight, Tensor? bias, Tensor x_t, Tensor rate_scale, "
+      "Tensor h, float barrier, float temperature, Generator? generator) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "head_sample_categorical(Tensor hidden, Tensor weight, Tensor? bias, int exclude_token, "
+      "float barrier, float temperature, Generator? generator) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
 }
 
 // The module exists so that `import fsdfm._C` loads the library; its one function says how the

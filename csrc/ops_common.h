@@ -150,4 +150,79 @@ inline DrawArgs sample_args(const at::Tensor& logits_in, const std::optional<at:
   return a;
 }
 
+// The checked arguments of the fused head ops (head_jump_step, head_sample_categorical): the
+// final hidden states [B, L, d], the output layer's weight [V, d] and bias [V] (or none), all of
+// one floating dtype and device, and the draw's own arguments as in DrawArgs.
+struct HeadArgs {
+  DrawMode mode;
+  at::Tensor hidden;  // [B * L, d], contiguous
+  at::Tensor weight;  // [V, d]
+  std::optional<at::Tensor> bias;  // [V]
+  RowLayout rows;     // B, L, V (strides unused: rows are made tile by tile)
+  int64_t d;
+  std::optional<at::Tensor> current;     // kJump: x_t [B, L]
+  int64_t exclude_token = -1;            // kSample: one excluded id, -1 for none
+  std::optional<at::Tensor> rate_scale;  // kJump: [B]
+  std::optional<at::Tensor> h;           // kJump: [B]
+};
+
+inline HeadArgs head_args(const at::Tensor& hidden, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, double barrier,
+                          double temperature) {
+  TORCH_CHECK_VALUE(hidden.dim() == 3, "hidden must have shape [B, L, d], got ", hidden.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(hidden), "hidden must be float32, bfloat16 or float16, got ",
+                   hidden.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == hidden.size(2),
+                    "weight must have shape [V, d] with d = ", hidden.size(2), ", got ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1 && weight.size(0) < (int64_t{1} << 31),
+                    "weight must have 1 <= V < 2^31 rows, got ", weight.size(0));
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight is ",
+                   weight.scalar_type(), " but hidden is ", hidden.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == hidden.device(), "weight is on ", weight.device(),
+                    " but hidden is on ", hidden.device());
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                      "bias must have shape [V] = [", weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), "bias is ",
+                     bias->scalar_type(), " but hidden is ", hidden.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == hidden.device(), "bias is on ", bias->device(),
+                      " but hidden is on ", hidden.device());
+  }
+  check_barrier(barrier);
+  check_temperature(temperature);
+  HeadArgs a;
+  a.rows = RowLayout{hidden.size(0), hidden.size(1), weight.size(0), 0, 0};
+  a.d = hidden.size(2);
+  // Sampling has no gradient: the products below are made on detached views.
+  a.hidden = hidden.detach().reshape({a.rows.rows(), a.d}).contiguous();
+  a.weight = weight.detach();
+  if (bias) a.bias = bias->detach().contiguous();
+  return a;
+}
+
+inline HeadArgs head_jump_args(const at::Tensor& hidden, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& x_t,
+                               const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
+                               double temperature) {
+  HeadArgs a = head_args(hidden, weight, bias, barrier, temperature);
+  a.mode = DrawMode::kJump;
+  a.current = tokens_of(x_t, a.rows, hidden, "x_t");
+  a.rate_scale = per_sequence_of(rate_scale, a.rows.B, hidden, "rate_scale");
+  a.h = per_sequence_of(h, a.rows.B, hidden, "h");
+  return a;
+}
+
+inline HeadArgs head_sample_args(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, int64_t exclude_token,
+                                 double barrier, double temperature) {
+  HeadArgs a = head_args(hidden, weight, bias, barrier, temperature);
+  a.mode = DrawMode::kSample;
+  TORCH_CHECK_VALUE(exclude_token >= -1 && exclude_token < a.rows.V,
+                    "exclude must be a token id in [0, V) = [0, ", a.rows.V, "), got ",
+                    exclude_token);
+  a.exclude_token = exclude_token;
+  return a;
+}
+
 }  // namespace fsdfm

@@ -18,8 +18,11 @@ omega_k = exp(-ln(10000) k / 128), phi = [cos(s omega), sin(s omega)]:
 Numerics: on CUDA the blocks and the final layer run under bf16 autocast (``autocast_dtype``;
 set it to None for full fp32), while the conditioning MLPs, the LayerNorms (fp32, eps 1e-5, no
 affine, then the learned weight), the rotary embedding and the residual stream stay in fp32.
-Logits are returned as float32. On CPU there is no autocast: the model computes in the dtype of
-its weights (a bf16 model casts the inputs of each Linear to bf16) with an fp32 residual stream.
+On CPU there is no autocast: the model computes in the dtype of its weights (a bf16 model casts
+the inputs of each Linear to bf16) with an fp32 residual stream. Logits come back in the dtype
+of the last matmul, bfloat16 under autocast or for a bf16 model: the sampling kernels read them
+as they are and the losses (:mod:`fsdfm.losses`) upcast a chunk of rows at a time, so no fp32
+copy of the [B, L, V] logits is made.
 """
 
 from __future__ import annotations
@@ -320,18 +323,22 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x: Tensor, c: Tensor, cast) -> Tensor:
+    def modulated(self, x: Tensor, c: Tensor, cast) -> Tensor:
+        """The input of the output linear: LN(x) w (1 + scale) + shift (fp32 under autocast)."""
         if hasattr(self, "condition_fuser"):
             c = F.silu(self.condition_fuser(_cast(c, cast)))
         shift, scale = self.adaLN_modulation(_cast(c, cast))[:, None, :].chunk(2, dim=-1)
-        a = _norm(x, self.norm_final.weight) * (1 + scale) + shift
-        return self.linear(_cast(a, cast))
+        return _cast(_norm(x, self.norm_final.weight) * (1 + scale) + shift, cast)
+
+    def forward(self, x: Tensor, c: Tensor, cast) -> Tensor:
+        return self.linear(self.modulated(x, c, cast))
 
 
 class FSDFMTransformer(nn.Module):
     """The DFM teacher / FS-DFM student transformer of SPEC 3.
 
-    ``model(x_t, t, h=None)`` -> logits [B, L, vocab_size] float32, for x_t int64 [B, L] (L <=
+    ``model(x_t, t, h=None)`` -> logits [B, L, vocab_size] (float32, or bfloat16 under CUDA
+    autocast and for a bf16 model), for x_t int64 [B, L] (L <=
     ``config.seq_len``), t (and h, the step size) floats or [B] tensors. A teacher ignores h; a
     student (``config.step_conditioned``) requires it.
 
@@ -363,6 +370,7 @@ class FSDFMTransformer(nn.Module):
         self.blocks = nn.ModuleList(DDiTBlock(config) for _ in range(config.n_blocks))
         self.output_layer = FinalLayer(config)
         self._compiled = None
+        self._compiled_hidden = None
 
     # -- torch.compile ---------------------------------------------------------------------
     def compile(self, **kwargs) -> FSDFMTransformer:
@@ -371,14 +379,16 @@ class FSDFMTransformer(nn.Module):
         ``model.compile(disable=True)`` goes back to eager. Copies and pickles of the model drop
         the compiled function (call compile again on them)."""
         if kwargs.get("disable"):
-            self._compiled = None
+            self._compiled = self._compiled_hidden = None
         else:
             self._compiled = torch.compile(self._forward, **kwargs)
+            self._compiled_hidden = torch.compile(self._hidden, **kwargs)
         return self
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_compiled"] = None  # a compiled function is neither copied nor pickled
+        # A compiled function is neither copied nor pickled.
+        state["_compiled"] = state["_compiled_hidden"] = None
         return state
 
     # -- forward ---------------------------------------------------------------------------
@@ -386,6 +396,16 @@ class FSDFMTransformer(nn.Module):
         t, h = self._check_inputs(x_t, t, h)
         run = self._compiled if self._compiled is not None else self._forward
         return run(x_t, t, h)
+
+    def head_inputs(self, x_t: Tensor, t, h=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(hidden [B, L, d], weight [V, d], bias [V]): the final hidden states and the output
+        layer, all in the dtype of the output product (bfloat16 under autocast), so that
+        ``F.linear(hidden, weight, bias)`` is ``model(x_t, t, h)``. The fused head
+        (:mod:`fsdfm.head`) samples from them without making the logits."""
+        t, h = self._check_inputs(x_t, t, h)
+        run = self._compiled_hidden if self._compiled_hidden is not None else self._hidden
+        hidden = run(x_t, t, h)
+        return (hidden, *self._output_weights(hidden.dtype))
 
     def _check_inputs(self, x_t, t, h):
         cfg = self.config
@@ -422,6 +442,15 @@ class FSDFMTransformer(nn.Module):
         return t, h
 
     def _forward(self, x_t: Tensor, t: Tensor, h: Tensor | None) -> Tensor:
+        hidden = self._hidden(x_t, t, h)
+        return F.linear(hidden, *self._output_weights(hidden.dtype))
+
+    def _output_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        linear = self.output_layer.linear
+        return linear.weight.to(dtype), linear.bias.to(dtype)
+
+    def _hidden(self, x_t: Tensor, t: Tensor, h: Tensor | None) -> Tensor:
+        """The input of the output linear [B, L, d], in the dtype of that product."""
         on_cuda = x_t.device.type == "cuda"
         use_autocast = on_cuda and self.autocast_dtype is not None
         # Without autocast, Linear inputs are cast to the weights' dtype (a bf16 model on CPU).
@@ -449,8 +478,9 @@ class FSDFMTransformer(nn.Module):
         with ctx:
             for block in self.blocks:
                 x = block(x, cos, sin, c, cast)
-            logits = self.output_layer(x, c, cast)
-        return logits.float()
+            hidden = self.output_layer.modulated(x, c, cast)
+        # Under autocast the output product runs in autocast's dtype: cast as it would.
+        return hidden.to(self.autocast_dtype) if use_autocast else hidden
 
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")

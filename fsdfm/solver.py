@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fsdfm import ops, path
+from fsdfm import head, ops, path
 from fsdfm._args import model_device, positive_int
 from fsdfm.path import PolynomialSchedule, check_source, sample_source
 
@@ -162,6 +162,7 @@ def sample(
     device: torch.device | str | None = None,
     schedule: PolynomialSchedule | None = None,
     cuda_graph: bool = False,
+    fused_head: str | bool = "auto",
 ):
     """Generate token sequences [B, L] from a discrete flow-matching model in ``steps`` calls.
 
@@ -183,6 +184,10 @@ def sample(
     schedule: the path's schedule (default kappa_t = t).
     cuda_graph: on CUDA with the native backend, capture one step in a CUDA graph and replay it
         for every step but the last (the model must be capturable: no host synchronisation).
+    fused_head: True to draw from the model's final hidden states with the fused head
+        (:mod:`fsdfm.head`: no [B, L, V] logits are made; the same law, other draws), which needs
+        an fsdfm model (``head_inputs``); False for the logits path; "auto" (the default): the
+        fused head for fsdfm models with the native backend, the logits path otherwise.
     """
     positive_int(steps, "steps")
     if solver not in SOLVERS:
@@ -193,6 +198,7 @@ def sample(
     if generator is not None and generator.device.type != setup.device.type:
         raise ValueError(f"generator is for {generator.device} but sampling runs on {setup.device}")
     draw = ops.Kernels(backend, setup.device)
+    fused = _fused_head(fused_head, model, draw)
     if cuda_graph and (setup.device.type != "cuda" or not draw.native):
         raise ValueError("cuda_graph=True needs sampling on CUDA with the native backend")
     if not draw.native and setup.device.type == "cuda":
@@ -201,14 +207,26 @@ def sample(
             "(build the CUDA kernels for the native backend)",
             stacklevel=2,
         )
+    opts = {"barrier": barrier, "temperature": temperature, "generator": generator, "fused": fused}
     # Sampling never needs gradients: without this every step would keep the model's
     # activations alive for a backward pass that never comes.
     with torch.no_grad(), _on_device(setup.device):
         return _run(
-            model, setup, draw, steps, solver, schedule, prompt, init, edit_mask,
-            {"barrier": barrier, "temperature": temperature, "generator": generator},
+            model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, opts,
             return_trajectory, callback, progress, cuda_graph,
         )  # fmt: skip
+
+
+def _fused_head(fused_head, model, draw: ops.Kernels) -> bool:
+    """Whether the loop draws from the model's hidden states (see ``sample``)."""
+    if fused_head not in ("auto", True, False):
+        raise ValueError(f"fused_head must be 'auto', True or False, got {fused_head!r}")
+    capable = callable(getattr(model, "head_inputs", None))
+    if fused_head is True and not capable:
+        raise ValueError(
+            "fused_head=True needs an fsdfm model (with head_inputs); this model only gives logits"
+        )
+    return capable and (fused_head is True or (fused_head == "auto" and draw.native))
 
 
 def _on_device(device: torch.device):
@@ -264,7 +282,7 @@ class _Loop:
         self.solver, self.schedule, self.edit_mask = solver, schedule, edit_mask
         self.dt = 1.0 / steps  # the grid t_k = k dt, in float64 on the host
         self.barrier, self.temperature = opts["barrier"], opts["temperature"]
-        self.generator = opts["generator"]
+        self.generator, self.fused = opts["generator"], opts["fused"]
         device, B = setup.device, setup.batch_size
         self.t = torch.zeros(B, device=device)
         self.h = torch.full((B,), self.dt, dtype=torch.float64, device=device)
@@ -289,8 +307,12 @@ class _Loop:
             raise ops.InvalidRowsError(f"model output at step {k + 1}: {error}") from error
 
     def _advance(self, x: torch.Tensor, last: bool) -> torch.Tensor:
-        logits = _logits_of(self.model, x, self.t, self.h32, self.setup, self.step_no)
-        x_new = self._collapse(logits, x) if last else self._move(logits, x)
+        if self.fused:
+            source = _HiddenStates(self, *self.model.head_inputs(x, self.t, self.h32))
+        else:
+            logits = _logits_of(self.model, x, self.t, self.h32, self.setup, self.step_no)
+            source = _Logits(self, logits)
+        x_new = self._collapse(source, x) if last else self._move(source, x)
         if self.draw.native:
             # Only generated positions count: a frozen one keeps its token whatever its logits.
             unsampled = x_new < 0 if self.edit_mask is None else (x_new < 0) & self.edit_mask
@@ -300,35 +322,25 @@ class _Loop:
             x_new = x_new.clamp_min(0)  # keeps the next model call in range; reported at the end
         return x_new if self.edit_mask is None else torch.where(self.edit_mask, x_new, x)
 
-    def _jump(self, logits, x, rate_scale):
-        return self.draw.jump(
-            logits, x, rate_scale.float(), self.h32, self.barrier, self.temperature, self.generator
-        )
-
-    def _categorical(self, logits, exclude_token: int = -1):
-        return self.draw.categorical(
-            logits, exclude_token, self.barrier, self.temperature, self.generator
-        )
-
-    def _move(self, logits, x):
+    def _move(self, source, x):
         """One step of the solver from time t (all steps but the last)."""
         t, h = self.t.double(), self.h
         if self.solver == "cumulative":
-            return self._jump(logits, x, self.schedule.cumulative_scalar(t, h))
+            return source.jump(x, self.schedule.cumulative_scalar(t, h).float())
         if self.solver == "euler":
-            return self._jump(logits, x, self.schedule.euler_scalar(h))
+            return source.jump(x, self.schedule.euler_scalar(h).float())
         # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
-        x_hat = self._categorical(logits)
+        x_hat = source.categorical(-1)
         p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
         u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
         # A -1 (a row the kernel could not sample) is passed on even where no move happens.
         return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
 
-    def _collapse(self, logits, x):
+    def _collapse(self, source, x):
         """The last step: every position (uniform source) or every masked one (mask source)."""
         if self.setup.mask_id is None:
-            return self._categorical(logits)
-        drawn = self._categorical(logits, self.setup.mask_id)
+            return source.categorical(-1)
+        drawn = source.categorical(self.setup.mask_id)
         return torch.where(x == self.setup.mask_id, drawn, x)
 
     def capture(self, x: torch.Tensor) -> None:
@@ -361,3 +373,37 @@ class _Loop:
                 f"model output at step {first_bad} had a row with NaN or +inf logits, all -inf, "
                 "or no token within the barrier: no distribution to sample from"
             )
+
+
+class _Logits:
+    """The draws of a step from materialised logits [B, L, V]."""
+
+    def __init__(self, loop: _Loop, logits: torch.Tensor):
+        self.loop, self.logits = loop, logits
+
+    def jump(self, x, rate_scale):
+        lp = self.loop
+        return lp.draw.jump(self.logits, x, rate_scale, lp.h32, lp.barrier, lp.temperature,
+                            lp.generator)  # fmt: skip
+
+    def categorical(self, exclude_token: int):
+        lp = self.loop
+        return lp.draw.categorical(self.logits, exclude_token, lp.barrier, lp.temperature,
+                                   lp.generator)  # fmt: skip
+
+
+class _HiddenStates:
+    """The draws of a step from the final hidden states with the fused head (no logits)."""
+
+    def __init__(self, loop: _Loop, hidden, weight, bias):
+        self.loop, self.inputs = loop, (hidden, weight, bias)
+
+    def jump(self, x, rate_scale):
+        lp = self.loop
+        return head.jump(lp.draw, *self.inputs, x, rate_scale, lp.h32, lp.barrier,
+                         lp.temperature, lp.generator)  # fmt: skip
+
+    def categorical(self, exclude_token: int):
+        lp = self.loop
+        return head.categorical(lp.draw, *self.inputs, exclude_token, lp.barrier,
+                                lp.temperature, lp.generator)  # fmt: skip

@@ -183,7 +183,7 @@ def test_dtype_device_and_seq_len(fsdfm_file, x):
     assert model.vocab_embed.weight.dtype == torch.bfloat16
     assert model.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(model.vocab_embed.weight, sds["ema"]["vocab_embed.weight"].bfloat16())
-    assert logits_of(model, x).dtype == torch.float32
+    assert logits_of(model, x).dtype == torch.bfloat16  # the weights' dtype, no fp32 copy
     with pytest.raises(TypeError, match="floating-point"):
         load(path, dtype=torch.int8)
 

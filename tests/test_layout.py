@@ -12,7 +12,7 @@ PACKAGE = ROOT / "fsdfm"
 LAYERS = {
     "_args": 0, "_io": 0, "options": 0,
     "path": 1, "ops": 1, "tokenizer": 1, "corpus": 1,
-    "model": 2,
+    "model": 2, "head": 2,
     "checkpoint": 3, "data": 3,
     "solver": 4, "losses": 4, "optim": 4, "distill": 4,
     "generation": 5, "metrics": 5, "train_config": 5,

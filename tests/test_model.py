@@ -334,8 +334,8 @@ def test_bf16_weights_on_cpu():
     ref = model(x, 0.3, 0.25)
     low = copy.deepcopy(model).to(torch.bfloat16)
     out = low(x, 0.3, 0.25)
-    assert out.dtype == torch.float32
-    assert_close_rel(out, ref.double(), rel=0.1)
+    assert out.dtype == torch.bfloat16, "the logits stay in the weights' dtype"
+    assert_close_rel(out.float(), ref.double(), rel=0.1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,6 +470,24 @@ def test_compile_keeps_results_and_copies():
     assert model._compiled is None
 
 
+@pytest.mark.slow
+def test_inductor_compiles_the_model_on_cpu():
+    """torch.compile's default backend (Inductor, C++ on the CPU) gives the eager logits and
+    hidden states, and fsdfm.sample runs the compiled model with the fused head and without."""
+    model = random_model(step_conditioned=True)
+    x = torch.randint(0, V, (2, L))
+    with torch.no_grad():
+        eager = model(x, 0.3, 0.25)
+        hidden = model.head_inputs(x, 0.3, 0.25)[0]
+        model.compile(dynamic=False)
+        torch.testing.assert_close(model(x, 0.3, 0.25), eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.head_inputs(x, 0.3, 0.25)[0], hidden, rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+    for fused in (True, False):
+        tokens = fsdfm.sample(model, 2, batch_size=2, fused_head=fused)
+        assert tokens.shape == (2, L) and bool(((tokens >= 0) & (tokens < V)).all())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_forward_is_sync_free_and_bf16_autocast():
@@ -485,7 +503,7 @@ def test_cuda_forward_is_sync_free_and_bf16_autocast():
             model(x, 0.3, 0.25)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert out.dtype == torch.float32 and out.shape == (2, L, V)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, L, V), "autocast's logits, no copy"
     model.autocast_dtype = None  # full fp32 on CUDA
     with torch.no_grad():
         full = model(x, t, h)

@@ -117,6 +117,55 @@ def test_losses_against_their_definitions():
     assert forward_kl(logits, logits).abs().max() < 1e-5
 
 
+def test_losses_in_row_chunks_and_from_bf16_logits(monkeypatch):
+    """The fp32 maths runs a chunk of rows at a time (here 2 rows of V = 7): values and gradients
+    are those of the plain definitions; bf16 logits give the fp32 losses of the same numbers and
+    a bf16 gradient, without an fp32 copy of the logits."""
+    import fsdfm.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 16)
+    g = torch.Generator().manual_seed(1)
+    B, L, V = 3, 5, 7
+    logits = (torch.randn(B, L, V, generator=g) * 2).requires_grad_()
+    x_1 = torch.randint(0, V, (B, L), generator=g)
+    x_t = torch.where(torch.rand(B, L, generator=g) < 0.5, x_1, torch.randint(0, V, (B, L)))
+    t = torch.tensor([0.1, 0.5, 0.8])
+    weights = torch.randn(B, L, generator=g)
+
+    def plain_gkl(values):
+        p = values.softmax(-1)
+        p1, pt = p.gather(-1, x_1[..., None])[..., 0], p.gather(-1, x_t[..., None])[..., 0]
+        factor = (1 / (1 - t))[:, None]
+        return torch.where(x_t == x_1, factor * (1 - p1), -factor * (pt + p1.log()))
+
+    got = generalized_kl(logits, x_1, x_t, t)
+    (grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    want = plain_gkl(logits)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)
+    (grad,) = torch.autograd.grad((cross_entropy(logits, x_1) * weights).sum(), logits)
+    plain_ce = F.cross_entropy(logits.reshape(-1, V), x_1.reshape(-1), reduction="none")
+    (want_grad,) = torch.autograd.grad((plain_ce * weights.reshape(-1)).sum(), logits)
+    torch.testing.assert_close(grad, want_grad)
+
+    low = logits.detach().bfloat16().requires_grad_()
+    teacher = torch.randn(B, L, V, generator=g).bfloat16()
+    for loss in (
+        lambda z: generalized_kl(z, x_1, x_t, t),
+        lambda z: cross_entropy(z, x_1),
+        lambda z: forward_kl(teacher, z),
+    ):
+        value = loss(low)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, loss(low.detach().float()), rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(value.sum(), low)
+        assert grad.dtype == torch.bfloat16
+        reference = low.detach().float().requires_grad_()
+        (want,) = torch.autograd.grad(loss(reference).sum(), reference)
+        torch.testing.assert_close(grad.float(), want, rtol=0.02, atol=1e-3)
+
+
 def test_learning_rate_warmup_then_cosine():
     lr = [learning_rate(s, lr=1.0, steps=110, warmup=10) for s in range(110)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)

@@ -82,4 +82,28 @@ FSDFM_HD RowUniforms row_uniforms(uint64_t seed, uint64_t offset, uint64_t row) 
                      uniform53(b.w[0], b.w[1])};
 }
 
+// The uniforms of tile k of a row in the fused head (row_math.h, HeadRow): the choice of a group
+// and of a token inside the tile, and the merge with the tiles before it. They come from counter
+// blocks 2 + 2k and 3 + 2k of the row, after the two of row_uniforms (whose `jump` decides the
+// row's stay-or-jump), so a call reserves head_words(tiles) 32-bit outputs per row.
+struct TileUniforms {
+  double group;
+  double within;
+  double merge;
+};
+
+FSDFM_HD constexpr uint64_t head_words(uint64_t tiles) { return 4 * (2 + 2 * tiles); }
+
+FSDFM_HD TileUniforms tile_uniforms(uint64_t seed, uint64_t offset, uint64_t row, uint64_t tile) {
+  const uint64_t block = offset / 4 + 2 + 2 * tile;
+  const Philox4 c0{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                    static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)}};
+  const Philox4 c1{{static_cast<uint32_t>(block + 1), static_cast<uint32_t>((block + 1) >> 32),
+                    static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)}};
+  const Philox4 a = philox4x32_10(c0, seed);
+  const Philox4 b = philox4x32_10(c1, seed);
+  return TileUniforms{uniform53(a.w[0], a.w[1]), uniform53(a.w[2], a.w[3]),
+                      uniform53(b.w[0], b.w[1])};
+}
+
 }  // namespace fsdfm

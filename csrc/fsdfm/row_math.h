@@ -198,4 +198,54 @@ struct InverseCdf {
   FSDFM_HD int64_t result() const { return pick >= 0 ? pick : last; }
 };
 
+// ---- The fused head: one row's draw over vocabulary tiles that are computed one at a time.
+//
+// A tile's logits are made (a slice of the output product), reduced to the tile's statistics
+// and one draw from its allowed tokens, and folded into the row's running state; the tile is then
+// dropped, so no [N, V] logits exist. For tiles k = 1, 2, ... with allowed masses a_k (relative
+// to a common maximum) and S_k = a_1 + ... + a_k, the running winner becomes tile k's draw with
+// probability a_k / S_k. Tile k's token x (probability w_x / a_k within the tile) is then the
+// final winner with probability (w_x / a_k) (a_k / S_k) prod_{j > k} (S_{j-1} / S_j) =
+// w_x / S_K: the exact categorical law over the allowed tokens, whatever the tiling.
+struct HeadRow {
+  float m = kNegInf;     // running maximum of the scaled logits
+  double total = 0.0;    // sum of e^(s - m) over every token so far
+  double allowed = 0.0;  // the same over the allowed destinations
+  int64_t token = kInvalidToken;  // the running winner among the allowed tokens so far
+  bool bad = false;      // a NaN was seen
+
+  // Fold a tile: its maximum tm, its masses relative to tm, its draw (ignored when its allowed
+  // mass is 0) and the uniform u of the merge.
+  FSDFM_HD void fold(float tm, RowMass tile, int64_t tile_token, bool tile_bad, double u) {
+    bad = bad || tile_bad;
+    if (!(tm > kNegInf)) return;  // a tile of -inf logits adds nothing
+    if (tm > m) {
+      const double c = rescale(m, tm);
+      total *= c;
+      allowed *= c;
+      m = tm;
+    } else {
+      const double c = rescale(tm, m);
+      tile.total *= c;
+      tile.allowed *= c;
+    }
+    total += tile.total;
+    if (tile.allowed > 0.0) {
+      allowed += tile.allowed;
+      if (u * allowed < tile.allowed) token = tile_token;
+    }
+  }
+
+  // The row's result: for jump_step (jump = true) x_t or the winner, with P(jump) =
+  // 1 - exp(-h lambda) as for the unfused op; for sample_categorical the winner. kInvalidToken
+  // for a row that gives no distribution (NaN, +inf, all -inf, nothing allowed to draw).
+  FSDFM_HD int64_t result(bool jump, int64_t current, float rate_scale, float h,
+                          double u_jump) const {
+    if (!row_is_valid(m, bad)) return kInvalidToken;
+    const RowMass mass{total, allowed};
+    if (jump) return u_jump < jump_probability(mass, rate_scale, h) ? token : current;
+    return allowed > 0.0 ? token : kInvalidToken;
+  }
+};
+
 }  // namespace fsdfm

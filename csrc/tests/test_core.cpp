@@ -588,6 +588,66 @@ void test_inverse_cdf() {
 
 }  // namespace
 
+// --- The fused head's merge over vocabulary tiles ---------------------------------------------
+
+// Tiles with their own maxima (so the fold rescales both ways), one of -inf logits and one with
+// no allowed mass: over a grid of the merge uniforms the final winner comes from tile k with
+// frequency a_k / sum_j a_j (masses at a common maximum), exactly as a single draw over the row.
+void test_head_fold() {
+  struct Tile {
+    float m;
+    double total, allowed;
+  };
+  const std::vector<Tile> tiles = {
+      {1.0f, 3.0, 2.0}, {-kInfF, 0.0, 0.0}, {2.5f, 1.5, 1.0}, {0.0f, 4.0, 0.0}, {-1.0f, 5.0, 5.0}};
+  double weight[5], total_weight = 0.0, total_mass = 0.0;
+  for (size_t k = 0; k < tiles.size(); ++k) {
+    const double scale = tiles[k].m > -kInfF ? std::exp(static_cast<double>(tiles[k].m) - 2.5) : 0;
+    weight[k] = tiles[k].allowed * scale;
+    total_weight += weight[k];
+    total_mass += tiles[k].total * scale;
+  }
+  constexpr int kGrid = 100;  // kGrid^3 combinations of the three merges that can change hands
+  std::vector<int> counts(tiles.size(), 0);
+  int unpicked = 0;
+  fsdfm::HeadRow last;
+  for (int i = 0; i < kGrid * kGrid * kGrid; ++i) {
+    const double u[3] = {(i % kGrid + 0.5) / kGrid, (i / kGrid % kGrid + 0.5) / kGrid,
+                         (i / kGrid / kGrid + 0.5) / kGrid};
+    fsdfm::HeadRow row;
+    int merge = 0;
+    for (size_t k = 0; k < tiles.size(); ++k) {
+      const double uk = tiles[k].allowed > 0.0 ? u[merge++ % 3] : 0.5;
+      row.fold(tiles[k].m, RowMass{tiles[k].total, tiles[k].allowed}, static_cast<int64_t>(k),
+               false, uk);
+    }
+    if (row.token < 0 || row.token >= static_cast<int64_t>(tiles.size())) {
+      ++unpicked;
+    } else {
+      ++counts[static_cast<size_t>(row.token)];
+    }
+    last = row;
+  }
+  CHECK_EQ(unpicked, 0);
+  for (size_t k = 0; k < tiles.size(); ++k) {
+    const double frac = static_cast<double>(counts[k]) / (kGrid * kGrid * kGrid);
+    CHECK_MSG(std::fabs(frac - weight[k] / total_weight) <= 2.0 / kGrid,
+              "tile " + std::to_string(k) + ": " + show(frac) + " vs " +
+                  show(weight[k] / total_weight));
+  }
+  CHECK_EQ(last.m, 2.5f);
+  CHECK_REL(last.total, total_mass, 1e-6);
+  CHECK_REL(last.allowed, total_weight, 1e-6);
+  // The result: a row with nothing allowed cannot be sampled but stays at x_t in a jump.
+  fsdfm::HeadRow empty;
+  empty.fold(0.0f, RowMass{1.0, 0.0}, 7, false, 0.5);
+  CHECK_EQ(empty.result(false, 3, 1.0f, 1.0f, 0.0), fsdfm::kInvalidToken);
+  CHECK_EQ(empty.result(true, 3, 1.0f, 1.0f, 0.0), int64_t{3});
+  fsdfm::HeadRow nan_row;
+  nan_row.fold(0.0f, RowMass{1.0, 1.0}, 7, true, 0.5);
+  CHECK_EQ(nan_row.result(false, 3, 1.0f, 1.0f, 0.0), fsdfm::kInvalidToken);
+}
+
 int main() {
   test_philox_kat();
   test_uniform53();
@@ -596,6 +656,7 @@ int main() {
   test_online_softmax();
   test_jump();
   test_inverse_cdf();
+  test_head_fold();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
