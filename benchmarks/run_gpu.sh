@@ -9,7 +9,8 @@
 #   bash benchmarks/run_gpu.sh -k jump_step    # extra pytest arguments go to the benchmarks
 #   ALONGSIDE="python3 scripts/reproduce.py markov" bash benchmarks/run_gpu.sh
 # Each stage has a time limit (seconds: TESTS_S, MEMCHECK_S, ALONGSIDE_S, BENCH_S), so that a
-# lease ends with every log, whatever hangs.
+# lease ends with every log, whatever hangs. The benchmarks end with summary.json and README.md
+# beside their JSON (benchmarks/summary.py; summary.json also in benchmarks/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
@@ -32,9 +33,10 @@ if [ -n "${ALONGSIDE:-}" ]; then
   timeout "${ALONGSIDE_S:-300}" bash -c "$ALONGSIDE" > "$out/alongside.log" 2>&1 &
   alongside=$!
 fi
-timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --error-exitcode 3 \
-  python3 -m pytest tests/test_ops_api.py -q -m cuda -p no:cacheprovider \
-  -k "edge_rows or invalid_rows or matches_reference" > "$out/memcheck.log" 2>&1 &
+timeout "${MEMCHECK_S:-240}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+  python3 -m pytest tests/test_ops_api.py tests/test_head.py -q -m cuda -p no:cacheprovider \
+  -k "edge_rows or invalid_rows or matches_reference or merge or opcheck" \
+  > "$out/memcheck.log" 2>&1 &
 memcheck=$!
 timeout "${TESTS_S:-240}" python3 -m pytest tests -q -m cuda -p no:cacheprovider \
   --durations=10 > "$out/tests_cuda.log" 2>&1
@@ -49,10 +51,14 @@ if [ "$alongside" != 0 ]; then
   along=$?
   echo "alongside exit $along:"; tail -5 "$out/alongside.log"
 fi
-timeout "${BENCH_S:-240}" python3 -m pytest benchmarks -q -k cuda -p no:cacheprovider \
+# The ops and the fused head first (short), then whole generations against the peers (long:
+# compiles, 1,024-step runs, autoregressive decoding); one JSON for both, summarised at the end.
+timeout "${BENCH_S:-480}" python3 -m pytest benchmarks -q -k cuda -p no:cacheprovider \
   --benchmark-json="$out/benchmarks.json" --benchmark-columns=min,median,mean,stddev,rounds "$@" \
   > "$out/benchmarks.log" 2>&1
 bench=$?
 tail -40 "$out/benchmarks.log"
+python3 benchmarks/summary.py "$out" > /dev/null && cp "$out/summary.json" benchmarks/results/ \
+  && echo "summary: $(cat "$out/summary.json" | tr -d '\n ')"
 echo "cuda tests exit $tests, memcheck exit $mem, alongside exit $along, benchmarks exit $bench"
 exit $(( tests != 0 || mem != 0 || along != 0 || bench != 0 ))

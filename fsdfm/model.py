@@ -126,6 +126,16 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def forward_flops(self, batch: int, seq_len: int | None = None) -> int:
+        """Floating-point operations of one forward pass on [batch, seq_len] tokens, counting a
+        multiply-add as 2: per block and token 24 d^2 in the matmuls (q, k, v, out: 4 d^2; the
+        MLP: 8 d^2; times 2) and 4 L d in attention (Q K^T and A V), plus 2 d V in the output
+        layer; the conditioning MLPs, norms and element-wise work are left out (< 1%)."""
+        L = self.seq_len if seq_len is None else seq_len
+        d = self.dim
+        per_token = self.n_blocks * (24 * d * d + 4 * L * d) + 2 * d * self.vocab_size
+        return batch * L * per_token
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict of every field."""
         return dataclasses.asdict(self)
