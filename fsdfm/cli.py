@@ -56,6 +56,13 @@ WEIGHTS = Option(
     "which model of a released FS-DFM .pth (default: the EMA student)",
 )
 DEVICE = Option("device", ("cpu", "cuda"), "cpu or cuda (default: cuda when available)")
+COMPILE = Option(
+    "compile",
+    bool,
+    "torch.compile the model first (slower start, faster steps; Inductor needs a C++ compiler "
+    "on the CPU)",
+    default=False,
+)
 SEED = Option("seed", int, "random seed (default 0)", default=0)
 
 
@@ -79,6 +86,8 @@ def _sample(o: dict) -> None:
 
     device = resolve_device(o["device"], "--device")
     model = load(o["model"], weights=o["weights"], device=device)
+    if o["compile"]:
+        model.compile(dynamic=False)
     name = o["tokenizer"] or getattr(model, "tokenizer_name", None)
     if name is None:
         raise ValueError(f"{o['model']} names no tokenizer: pass --tokenizer")
@@ -184,6 +193,7 @@ SAMPLE = Command(
             default="cumulative",
         ),
         DEVICE,
+        COMPILE,
         Option("progress", bool, "show a progress bar over the steps", default=False),
         Option("watch", bool, "show the first text changing step by step (stderr)", default=False),
         Option(
@@ -235,6 +245,8 @@ def _bench(o: dict) -> None:
             f"the native kernels for {device} are not built (pip install --no-build-isolation -e .)"
         )
     model = load(o["model"], weights=o["weights"], device=device).eval()
+    if o["compile"]:
+        model.compile(dynamic=False)
     B, L, V = o["n"], o["length"] or model.config.seq_len, model.config.vocab_size
     if L > model.config.seq_len:
         raise ValueError(f"--length must be at most the model's {model.config.seq_len}, got {L}")
@@ -297,6 +309,7 @@ BENCH = Command(
         Option("repeats", int, "timed calls (default 3)", default=3, check=positive),
         SEED,
         DEVICE,
+        COMPILE,
     ),
     _bench,
 )
