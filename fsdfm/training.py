@@ -83,10 +83,15 @@ from fsdfm.train_config import (
     config_from_arguments,
 )
 
-__all__ = ["STATE_FORMAT", "main", "train"]
+__all__ = ["STATE_FORMAT", "TrainingDiverged", "main", "train"]
 
 STATE_FORMAT = "fsdfm-train-state"
 STATE_VERSION = 1
+
+
+class TrainingDiverged(ValueError):
+    """The loss, the gradient norm, a held-out loss or the weights stopped being finite: the run
+    stops before it logs or saves anything non-finite, so the last checkpoint stays as it was."""
 
 
 def main(args, mode: str) -> Path:
@@ -191,6 +196,7 @@ class _Run:
         )
         self.step = 0
         self._resume_or_start()
+        self.saved_step = self.step  # the step of the checkpoint on disk (0: none yet)
 
         self.wrapped = self.model
         if procs.group:
@@ -533,21 +539,25 @@ class _Run:
                 evaluate = c.eval_every and (self.step % c.eval_every == 0 or final)
                 if self.step % c.log_every == 0 or evaluate or final:
                     record = self._record(stats, grad_norm)
+                    self._stop_if_diverged(record)
                     elapsed = time.perf_counter() - timer
                     record["tokens_per_s"] = timed_steps * tokens_per_step / max(elapsed, 1e-9)
                     if evaluate and procs.main and self.blocks.n_val:
                         record["val_loss"] = self._validate(self.model)
                         if self.ema is not None:
                             record["val_loss_ema"] = self._validate(self.ema)
+                        self._stop_if_diverged(record)
                     if metrics is not None:
-                        metrics.write(json.dumps(record) + "\n")
+                        metrics.write(json.dumps(record, allow_nan=False) + "\n")
                         metrics.flush()
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
                     timer, timed_steps = time.perf_counter(), 0
                 if self.step % c.save_every == 0 or self.step == end:
+                    self._stop_if_diverged()
                     self._save()
+                    self.saved_step = self.step
                     timer, timed_steps = time.perf_counter(), 0
         finally:
             bar.close()
@@ -558,6 +568,30 @@ class _Run:
                 f"fsdfm {c.mode}: step {self.step}; model in {self.out / 'model'}", file=sys.stderr
             )
         return self.out
+
+    def _stop_if_diverged(self, record: dict | None = None) -> None:
+        """Raise TrainingDiverged if the logged values (``record``) or, without one, the weights
+        (one host synchronisation, before a save; every rank holds the same weights and so
+        decides alike) are not finite."""
+        if record is not None:
+            bad = {k: v for k, v in record.items()
+                   if isinstance(v, float) and not math.isfinite(v)}  # fmt: skip
+            what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        else:
+            params = [p for m in (self.model, self.ema) if m is not None for p in m.parameters()]
+            finite = bool(torch.stack([p.isfinite().all() for p in params]).all())
+            bad, what = (not finite), "the weights hold NaN or inf"
+        if not bad:
+            return
+        kept = (
+            f"{self.out} keeps the checkpoint of step {self.saved_step}"
+            if self.saved_step
+            else "nothing was saved"
+        )
+        raise TrainingDiverged(
+            f"training diverged at step {self.step} ({what}); stopped without logging or saving "
+            f"it: {kept} (a lower --lr, a longer --warmup or --grad-clip may help)"
+        )
 
     def _record(self, stats: Tensor, grad_norm: Tensor | None) -> dict:
         """The logged values of the step just taken, averaged over the ranks (one sync)."""

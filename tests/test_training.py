@@ -566,3 +566,38 @@ def test_pretraining_with_a_bpe_tokenizer(corpus, tmp_path):
     assert texts[0].startswith("the cat")
     with pytest.raises(ValueError, match="tokenizer must be gpt2, byte or a path"):
         train(tiny(corpus, tmp_path / "bad", tokenizer=str(tmp_path / "nope.json")))
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_finite_checkpoint(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    """NaN weights after step 3 (as a far too large learning rate gives): the run stops with
+    TrainingDiverged before logging or saving step 4, metrics.jsonl stays JSON, and the model of
+    step 2 is untouched. From the command line: one line and exit status 2."""
+    out = tmp_path / "run"
+    config = tiny(corpus, out, steps=4, save_every=2, eval_every=0)
+    original = training._Run._train_step
+
+    def poisoned(self):
+        result = original(self)
+        if self.step == 3:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(math.nan)
+        return result
+
+    monkeypatch.setattr(training._Run, "_train_step", poisoned)
+    with pytest.raises(training.TrainingDiverged, match="step 4 .*checkpoint of step 2"):
+        train(config)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    model = fsdfm.load(out / "model")
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    monkeypatch.undo()
+
+    argv = ["pretrain", "--data", str(corpus), "--out", str(tmp_path / "cli"), "--tokenizer",
+            "byte", "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
+            "--log-every", "1", "--eval-every", "0", "--device", "cpu", "--lr", "1e30"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("fsdfm pretrain: error: training diverged at step")
