@@ -11,7 +11,13 @@ their ``.tmp-`` mark (:func:`remove_stale_temporaries`).
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import os
+import re
+import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +91,10 @@ class Staging:
         os.chmod(tmp, 0o666 & ~umask())
         fsync_path(tmp)
 
+    def staged(self) -> list[tuple[Path, Path]]:
+        """(temporary, target) of every file staged and not yet committed, in order."""
+        return list(self._staged)
+
     def _reserve(self, target: Path) -> Path:
         tmp = temporary_name(Path(target))
         self._staged.append((tmp, Path(target)))
@@ -109,10 +119,65 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         stage.commit()
 
 
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in 16 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE, also
+    for directories); False where the system or the file system cannot, nothing changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # a C library older than glibc 2.28
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
+
+
+_OWNER = re.compile(re.escape(TMP_MARK) + r"(\d+)-")
+
+
+def _written_by_a_live_process(path: Path) -> bool:
+    found = _OWNER.search(path.name)
+    if not found:
+        return False
+    pid = int(found.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def remove_stale_temporaries(*directories: Path) -> None:
-    """Remove the temporaries that a killed writer left in ``directories``."""
+    """Remove the temporaries (files and directories) in ``directories`` whose writer is no
+    longer running: what a killed writer left behind. A live writer's are left alone."""
     for directory in directories:
-        if Path(directory).is_dir():
-            for stale in Path(directory).glob(f"*{TMP_MARK}*"):
-                if stale.is_file():
-                    stale.unlink(missing_ok=True)
+        if not Path(directory).is_dir():
+            continue
+        for stale in Path(directory).glob(f"*{TMP_MARK}*"):
+            if _written_by_a_live_process(stale):
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)

@@ -10,8 +10,9 @@ Two formats are read by :func:`load`:
   state dict (``torch.save(model.state_dict())``) is read as ``model``. The config is read off the
   shapes (:func:`fsdfm.model.config_from_state_dict`);
 - a directory written by :func:`save`: ``model.safetensors`` (no pickle) and ``config.json`` (the
-  :class:`~fsdfm.model.ModelConfig` fields, ``tokenizer`` and the format version). A lone
-  ``.safetensors`` file is read like a bare state dict.
+  :class:`~fsdfm.model.ModelConfig` fields, ``tokenizer``, the format version and, from version
+  2, the sha256 of every file of the model, checked on load). A lone ``.safetensors`` file is
+  read like a bare state dict.
 
 :func:`convert` turns a released file into such a directory.
 """
@@ -22,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from collections import deque
 from collections.abc import Mapping
@@ -30,13 +32,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fsdfm._io import Staging
+from fsdfm._io import (
+    Staging,
+    exchange,
+    fsync_path,
+    remove_stale_temporaries,
+    sha256_of,
+    temporary_name,
+)
 from fsdfm.model import GPT2_VOCAB, FSDFMTransformer, ModelConfig, config_from_state_dict
 
 __all__ = ["FORMAT_VERSION", "WEIGHT_CHOICES", "convert", "load", "read_state_dict", "save"]
 
 FORMAT = "fsdfm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json records the files' sha256
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"  # a BPE tokenizer saved with the model
@@ -277,6 +286,20 @@ def _read_directory(path: Path) -> tuple[dict[str, Tensor], ModelConfig, str | N
             f"{config_path}: format_version {version!r} is not supported (this fsdfm reads "
             f"versions up to {FORMAT_VERSION}; upgrade fsdfm)"
         )
+    checksums = data.pop("files", None) if version >= 2 else None
+    if version >= 2 and not (
+        isinstance(checksums, dict) and all(isinstance(v, str) for v in checksums.values())
+    ):
+        raise ValueError(f"{config_path}: 'files' must map file names to their sha256")
+    for name, digest in (checksums or {}).items():
+        file = path / name
+        if name not in (WEIGHTS_FILE, TOKENIZER_FILE) or not file.is_file():
+            raise FileNotFoundError(f"{path}: {name}, recorded in {CONFIG_FILE}, is missing")
+        if sha256_of(file) != digest:
+            raise ValueError(
+                f"{file} does not match the sha256 recorded in {CONFIG_FILE}: the file is damaged "
+                "or from another save (save or convert the model again)"
+            )
     tokenizer = data.pop("tokenizer", None)
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ValueError(f"{config_path}: tokenizer must be a string or null, got {tokenizer!r}")
@@ -391,10 +414,17 @@ def _bpe_file(name: str | None) -> Path | None:
 
 def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     """Write ``model`` to ``directory`` (created if needed): ``model.safetensors`` (the exact
-    tensors, in their dtypes) and ``config.json`` (the config, ``tokenizer`` and the format
-    version). Each file is written under a temporary name and renamed into place, so a reader
-    never sees a half-written file; the config is also stored in the safetensors metadata and
-    :func:`load` refuses a pair whose configs differ. Returns the directory.
+    tensors, in their dtypes) and ``config.json`` (the config, ``tokenizer``, the format version
+    and the sha256 of the files, which :func:`load` checks; the config is also in the
+    safetensors metadata). Returns the directory.
+
+    Nothing is lost: the new model is written, fsynced and hashed in a temporary directory
+    beside ``directory``, which then replaces it in one atomic step (a new directory is renamed
+    into place; an existing one is exchanged with it, Linux's renameat2, and the old model
+    removed), so a reader or a crash sees the old model or the new one, never a mix. Where the
+    directory holds other files too, or the file system cannot exchange directories, the files
+    are replaced one at a time, config.json last: a crash in between leaves files whose
+    checksums disagree, which :func:`load` reports rather than loading a mix.
 
     tokenizer: the tokenizer's name (e.g. "gpt2"), an object with ``name_or_path`` / ``name``,
         or None for the model's ``tokenizer_name``. A BPE tokenizer (a path to its
@@ -413,7 +443,8 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory.parent, directory)
 
     config = model.config.to_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -422,20 +453,56 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(config),
     }
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, **config, "tokenizer": name}
 
-    def write_config(f) -> None:
-        f.write((json.dumps(document, indent=2) + "\n").encode())
-
-    with Staging() as stage:
+    def write_files(stage: Staging, where: Path) -> None:
+        """Stage the files in ``where``, config.json last with the others' checksums."""
         if bpe_bytes is not None:
-            stage.write(directory / TOKENIZER_FILE, lambda f: f.write(bpe_bytes))
+            stage.write(where / TOKENIZER_FILE, lambda f: f.write(bpe_bytes))
         stage.write_path(
-            directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+            where / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
         )
-        stage.write(directory / CONFIG_FILE, write_config)
+        files = {target.name: sha256_of(tmp) for tmp, target in stage.staged()}
+        document = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **config,
+            "tokenizer": name,
+            "files": files,
+        }
+        text = (json.dumps(document, indent=2) + "\n").encode()
+        stage.write(where / CONFIG_FILE, lambda f: f.write(text))
+
+    if _only_model_files(directory):
+        fresh = temporary_name(directory)
+        fresh.mkdir()
+        try:
+            with Staging() as stage:
+                write_files(stage, fresh)
+                stage.commit()
+            fsync_path(fresh)
+            if not directory.exists():
+                os.rename(fresh, directory)
+                fsync_path(directory.parent)
+                return directory
+            if exchange(fresh, directory):  # `fresh` now holds the old model
+                fsync_path(directory.parent)
+                return directory
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+    directory.mkdir(exist_ok=True)
+    with Staging() as stage:
+        write_files(stage, directory)
         stage.commit()
     return directory
+
+
+def _only_model_files(directory: Path) -> bool:
+    """Whether ``directory`` is absent or holds nothing but a saved model's files, so that it
+    can be replaced as a whole."""
+    if not directory.exists():
+        return True
+    ours = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE}
+    return all(entry.name in ours and entry.is_file() for entry in directory.iterdir())
 
 
 def convert(

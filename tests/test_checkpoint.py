@@ -5,6 +5,7 @@ trip, atomic writes) and clear errors."""
 import json
 import os
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,7 +326,8 @@ def test_save_load_round_trip_is_exact(fsdfm_file, tmp_path, x):
     out = save(model, tmp_path / "saved", tokenizer="gpt2")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
-    assert config["tokenizer"] == "gpt2" and config["format_version"] == 1
+    assert config["tokenizer"] == "gpt2" and config["format_version"] == 2
+    assert config["files"] == {"model.safetensors": sha256(out / "model.safetensors")}
     assert config["seq_len"] == L and config["step_conditioned"] is True
     back = load(out)
     assert back.config == model.config and back.tokenizer_name == "gpt2"
@@ -402,6 +404,10 @@ def test_directory_errors(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors does not match the sha256"):
+        load(out)
+    unchecked = {k: v for k, v in config.items() if k != "files"}
+    (out / "config.json").write_text(json.dumps({**unchecked, "format_version": 1}))
     with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors"):
         load(out)
     (out / "model.safetensors").unlink()
@@ -419,6 +425,24 @@ def test_lone_safetensors_file(tmp_path):
     assert_same_weights(load(tmp_path / "w.safetensors"), sd)
 
 
+def sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_damaged_weights_are_refused_naming_the_file(tmp_path):
+    """1,000 bytes overwritten inside the tensor data would load as NaN weights without the
+    checksum; with it, load names the file."""
+    out = save(FSDFMTransformer(ModelConfig(**SMALL)), tmp_path / "m")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3000:-2000] = b"\xff" * 1000
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{weights} does not match the sha256 recorded"):
+        load(out)
+
+
 def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     import os
 
@@ -433,8 +457,74 @@ def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save(FSDFMTransformer(ModelConfig(**{**SMALL, "n_blocks": 1})), out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "no temporary directory left"
     assert (out / "model.safetensors").read_bytes() == before  # the old model is intact
     load(out)
+
+
+@pytest.mark.parametrize("with_foreign_file", [False, True])
+def test_save_over_a_model_is_old_or_new_at_every_fault(tmp_path, monkeypatch, with_foreign_file):
+    """Saving a model of another shape over an existing one, with a failure injected at each
+    file operation in turn (write, fsync, rename, exchange, removal): afterwards the directory
+    loads as the old model or the new one, never a mix, and no temporary is left. With a file of
+    the user's in the directory the model's files are replaced one at a time: a failure between
+    two renames is then reported by load (checksums), never loaded."""
+    import os
+
+    import fsdfm._io as io_module
+
+    old_model = FSDFMTransformer(ModelConfig(**SMALL))
+    new_model = FSDFMTransformer(ModelConfig(**{**SMALL, "n_blocks": 1, "dim": 32, "n_heads": 1}))
+    real = {"replace": os.replace, "rename": os.rename, "fsync": os.fsync,
+            "exchange": io_module.exchange}  # fmt: skip
+    outcomes = set()
+    for fault in range(1, 40):
+        target = tmp_path / f"case{fault}" / "model"
+        save(old_model, target)
+        if with_foreign_file:
+            (target / "NOTES.md").write_text("mine")
+        calls = {"n": 0}
+
+        def failing(name, calls=calls, fault=fault):
+            def call(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == fault:
+                    raise OSError(f"injected fault in {name}")
+                return real[name](*args, **kwargs)
+
+            return call
+
+        for name in ("replace", "rename", "fsync"):
+            monkeypatch.setattr(os, name, failing(name))
+        monkeypatch.setattr(io_module, "exchange", failing("exchange"))
+        import fsdfm.checkpoint as ckpt
+
+        monkeypatch.setattr(ckpt, "exchange", io_module.exchange)
+        try:
+            save(new_model, target)
+            failed = False
+        except OSError:
+            failed = True
+        monkeypatch.undo()
+        leftovers = [p.name for p in target.parent.rglob("*") if ".tmp-" in p.name]
+        assert not leftovers, f"fault {fault}: temporaries left: {leftovers}"
+        try:
+            loaded = load(target)
+        except ValueError as error:
+            assert with_foreign_file and "does not match the sha256" in str(error), error
+            outcomes.add("reported")
+            continue
+        shape = loaded.config.dim
+        assert shape in (SMALL["dim"], 32), f"fault {fault}: a mix"
+        assert shape == 32 or failed, f"fault {fault}: a save that succeeded left the old model"
+        outcomes.add("new" if shape == 32 else "old")
+        if with_foreign_file:
+            assert (target / "NOTES.md").read_text() == "mine"
+        if calls["n"] < fault:  # every operation of the save ran: all faults were tried
+            break
+    else:
+        raise AssertionError("the save makes more file operations than the faults tried")
+    assert {"old", "new"} <= outcomes
 
 
 def test_bpe_tokenizer_travels_with_the_model(tmp_path):
@@ -461,7 +551,9 @@ def test_bpe_tokenizer_travels_with_the_model(tmp_path):
     again = fsdfm.get_tokenizer(loaded.tokenizer_name)
     assert again.encode("the lazy fox") == tok.encode("the lazy fox")
     (moved / "tokenizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="tokenizer file 'tokenizer.json' is missing"):
+    with pytest.raises(
+        FileNotFoundError, match="tokenizer.json, recorded in config.json, is missing"
+    ):
         fsdfm.load(moved)
 
 
@@ -482,3 +574,48 @@ def test_bundled_default_model():
     assert load("default", dtype=torch.bfloat16).vocab_embed.weight.dtype == torch.bfloat16
     tokenizer = get_tokenizer(model.tokenizer_name)
     assert tokenizer.vocab_size == config.vocab_size == 8192
+
+
+KILLED_SAVER = """
+import sys, torch, fsdfm
+from fsdfm.model import FSDFMTransformer, ModelConfig
+small = dict(vocab_size=300, dim=64, n_blocks=2, n_heads=2, cond_dim=32, seq_len=64)
+models = [FSDFMTransformer(ModelConfig(**small)),
+          FSDFMTransformer(ModelConfig(**{**small, "n_blocks": 1, "dim": 32, "n_heads": 1}))]
+print("ready", flush=True)
+i = 0
+while True:
+    fsdfm.save(models[i % 2], sys.argv[1])
+    i += 1
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_repeated_saves_leaves_the_old_or_the_new_model(tmp_path):
+    """A process saving two models of different shapes in turn over one directory, killed with
+    SIGKILL at random moments: the directory always loads, as one model or the other, and the
+    next save clears what the killed one left."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "model"
+    rng = random.Random(0)
+    shapes = set()
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, str(target)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            assert proc.stdout.readline().strip() == b"ready"
+            while not (target / "config.json").exists():
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        shapes.add(load(target).config.dim)
+    assert shapes <= {32, 64}, shapes
+    save(FSDFMTransformer(ModelConfig(**SMALL)), target)
+    assert not [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]
