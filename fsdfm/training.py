@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from fsdfm._args import resolve_device
-from fsdfm._io import atomic_write, remove_stale_temporaries
+from fsdfm._io import Staging, atomic_write, remove_stale_temporaries, sha256_of
 from fsdfm.checkpoint import load, save
 from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_rows
 from fsdfm.distill import sample_step_sizes, shortcut_teacher, student_from_teacher
@@ -87,6 +87,8 @@ __all__ = ["STATE_FORMAT", "TrainingDiverged", "main", "train"]
 
 STATE_FORMAT = "fsdfm-train-state"
 STATE_VERSION = 1
+STATE_MANIFEST = "state.json"  # the sha256 of state.pt (and of the one before it)
+STATE_KEYS = ("step", "config", "data_key", "model", "ema", "optimizer", "sampler")
 
 
 class TrainingDiverged(ValueError):
@@ -97,6 +99,42 @@ class TrainingDiverged(ValueError):
 def main(args, mode: str) -> Path:
     """Run ``fsdfm pretrain`` / ``fsdfm distill`` from parsed arguments."""
     return train(config_from_arguments(args, mode))
+
+
+def _read_state(path: Path) -> tuple[dict, str]:
+    """(the training state in ``path`` (state.pt), the file's sha256), checked against the
+    sha256 that state.json records and for its structure; a ValueError naming the file
+    otherwise."""
+    fix = "remove it (and state.json) to start the run over, or use a new --out"
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; {fix}")
+    manifest = path.with_name(STATE_MANIFEST)
+    digest = sha256_of(path)
+    if manifest.is_file():
+        try:
+            known = json.loads(manifest.read_text())["sha256"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{manifest} is damaged; {fix}") from None
+        if digest not in known:
+            raise ValueError(f"{path} is damaged: its sha256 is not the one {manifest.name} "
+                             f"recorded; {fix}")  # fmt: skip
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a damaged file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"{path} is not a readable training state ({type(error).__name__}: {first[:120]}); "
+            f"{fix}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not an fsdfm training state; {fix}")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path} is a training state of version {state.get('version')!r}, "
+                         f"this fsdfm reads version {STATE_VERSION}; {fix}")  # fmt: skip
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise ValueError(f"{path} lacks {', '.join(missing) or 'a config'}: it is damaged; {fix}")
+    return state, digest
 
 
 class _Processes:
@@ -195,6 +233,7 @@ class _Run:
             weight_decay=config.weight_decay,
         )
         self.step = 0
+        self.state_sha: str | None = None  # the sha256 of the state.pt on disk
         self._resume_or_start()
         self.saved_step = self.step  # the step of the checkpoint on disk (0: none yet)
 
@@ -294,14 +333,12 @@ class _Run:
     # -- checkpoints -------------------------------------------------------------------------------
     def _resume_or_start(self) -> None:
         state_path = self.out / "state.pt"
-        if not state_path.is_file():
+        if not state_path.exists():
             if self.procs.main:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
                 self._write_config()
             return
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError(f"{state_path} is not an fsdfm training state (version 1)")
+        state, self.state_sha = _read_state(state_path)
         old, new = state["config"], self.config.to_dict()
         changed = [k for k in new if k not in MUTABLE_KEYS and old.get(k) != new[k]]
         if changed:
@@ -314,11 +351,23 @@ class _Run:
             raise ValueError(
                 f"the data changed since {self.out} was started (files modified?); use a new --out"
             )
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
+        if not isinstance(state["step"], int) or not 0 <= state["step"] <= self.config.steps:
+            raise ValueError(
+                f"{state_path}: step {state['step']!r} is outside the run's [0, "
+                f"{self.config.steps}]; the file is damaged"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.sampler.load_state_dict(state["sampler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"{state_path} does not fit this run ({type(error).__name__}: {first}); the file "
+                "is damaged or from another run: use a new --out"
+            ) from None
         self.step = state["step"]
         if self.procs.main:
             self._write_config()
@@ -363,7 +412,19 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
-        atomic_write(self.out / "state.pt", lambda f: torch.save(state, f))
+        # state.json lists the sha256 of the new state and of the one it replaces, and is
+        # renamed first: a crash between the two renames leaves the old state.pt, which the
+        # list still accepts; anything else (a damaged file) is refused on resume.
+        manifest_path, state_path = self.out / STATE_MANIFEST, self.out / "state.pt"
+        with Staging() as stage:
+            stage.write(state_path, lambda f: torch.save(state, f))
+            ((tmp, _),) = stage.staged()
+            written = sha256_of(tmp)  # read back: what is on disk is what gets recorded
+            hashes = [written] + ([self.state_sha] if self.state_sha else [])
+            text = json.dumps({"format": STATE_FORMAT, "sha256": hashes}, indent=1).encode()
+            atomic_write(manifest_path, lambda f: f.write(text))
+            stage.commit()
+        self.state_sha = written
 
     # -- one step --------------------------------------------------------------------------------
     def _seed_step(self, step: int) -> None:

@@ -601,3 +601,66 @@ def test_a_diverging_run_stops_and_keeps_the_last_finite_checkpoint(
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("fsdfm pretrain: error: training diverged at step")
+
+
+def test_a_damaged_state_is_refused_in_one_line_naming_it(corpus, tmp_path, capsys):
+    """state.pt made empty, text, a list, a dict without its optimizer, truncated, with a
+    negative or out-of-range step, replaced by a directory, or with 2,000 random bytes inside:
+    the resume stops with one line naming state.pt, and metrics.jsonl is left as it was. The
+    random bytes are caught by the sha256 in state.json (without it they could load as NaN)."""
+    out = tmp_path / "run"
+    flags = {"steps": 6, "save_every": 1, "eval_every": 0}
+    train(tiny(corpus, out, stop_at=2, **flags))
+    state_path, manifest = out / "state.pt", out / "state.json"
+    good, good_manifest = state_path.read_bytes(), manifest.read_bytes()
+    logged = (out / "metrics.jsonl").read_text()
+    state = torch.load(state_path, weights_only=True)
+    rng = random.Random(0)
+
+    def saved(obj):
+        return lambda: torch.save(obj, state_path)
+
+    def scrambled():
+        data = bytearray(good)
+        start = rng.randrange(len(data) // 4, len(data) // 2)
+        data[start : start + 2000] = bytes(rng.randrange(256) for _ in range(2000))
+        state_path.write_bytes(bytes(data))
+
+    def directory():
+        state_path.unlink()
+        state_path.mkdir()
+
+    cases = {  # name: (damage, keep state.json)
+        "empty": (lambda: state_path.write_bytes(b""), False),
+        "text": (lambda: state_path.write_text("not a checkpoint"), False),
+        "list": (saved([1, 2, 3]), False),
+        "no optimizer": (saved({k: v for k, v in state.items() if k != "optimizer"}), False),
+        "truncated": (lambda: state_path.write_bytes(good[: len(good) // 2]), False),
+        "negative step": (saved({**state, "step": -3}), False),
+        "step past the run": (saved({**state, "step": 10**6}), False),
+        "directory": (directory, False),
+        "random bytes": (scrambled, True),
+    }
+    for name, (damage, keep_manifest) in cases.items():
+        if state_path.is_dir():
+            state_path.rmdir()
+        state_path.write_bytes(good)
+        manifest.write_bytes(good_manifest)
+        if not keep_manifest:
+            manifest.unlink()
+        damage()
+        argv = ["pretrain", "--data", str(corpus), "--out", str(out), "--tokenizer", "byte",
+                "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--steps", "6",
+                "--lr", "1e-3", "--log-every", "1", "--eval-every", "0", "--save-every", "1",
+                "--device", "cpu"]  # fmt: skip
+        capsys.readouterr()
+        assert main(argv) == 2, name
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("fsdfm pretrain: error:") and "state.pt" in last, (name, last)
+        assert (out / "metrics.jsonl").read_text() == logged, name
+    if state_path.is_dir():
+        state_path.rmdir()
+    state_path.write_bytes(good)
+    manifest.write_bytes(good_manifest)
+    train(tiny(corpus, out, stop_at=3, **flags))  # and the intact state resumes
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
