@@ -7,9 +7,10 @@ step but the last moves the tokens with the chosen solver; the last collapses (S
   scalar of the schedule;
 - ``"euler"`` (SPEC 2.4): ``jump_step`` with rate_scale = 1 / h. The jump probability is
   1 - exp(-h lambda) exactly (the reference caps h lambda at 50, a change below 2e-22) and there is
-  no 1e-9 floor under the rates;
+  no 1e-9 floor under the rates; with the mask source only still-masked positions move;
 - ``"dfm"`` (SPEC 2.5): draw x_hat ~ p and move to it with probability
-  1 - exp(-h kappa_dot / (1 - kappa)) (no move when x_hat is the current token);
+  1 - exp(-h kappa_dot / (1 - kappa)) (no move when x_hat is the current token); with the mask
+  source x_hat is drawn without the mask token and only still-masked positions move;
 - last step: every position (uniform source) or every still-masked position (mask source, the mask
   token's probability removed) is drawn from p.
 
@@ -323,18 +324,24 @@ class _Loop:
         return x_new if self.edit_mask is None else torch.where(self.edit_mask, x_new, x)
 
     def _move(self, source, x):
-        """One step of the solver from time t (all steps but the last)."""
+        """One step of the solver from time t (all steps but the last). With the mask source
+        the Euler and DFM solvers move only still-masked positions (SPEC 2.4, 2.5): a revealed
+        token stays, and the DFM draw x_hat never is the mask."""
         t, h = self.t.double(), self.h
+        mask = self.setup.mask_id
         if self.solver == "cumulative":
             return source.jump(x, self.schedule.cumulative_scalar(t, h).float())
         if self.solver == "euler":
-            return source.jump(x, self.schedule.euler_scalar(h).float())
+            moved = source.jump(x, self.schedule.euler_scalar(h).float())
+            return moved if mask is None else torch.where(x == mask, moved, x)
         # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
-        x_hat = source.categorical(-1)
+        x_hat = source.categorical(-1 if mask is None else mask)
         p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
         u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
-        # A -1 (a row the kernel could not sample) is passed on even where no move happens.
-        return torch.where((u < p_move) | (x_hat < 0), x_hat, x)
+        move = u < p_move if mask is None else (u < p_move) & (x == mask)
+        # A -1 (a row the kernel could not sample) is passed on where the position could move.
+        movable = True if mask is None else x == mask
+        return torch.where(move | ((x_hat < 0) & movable), x_hat, x)
 
     def _collapse(self, source, x):
         """The last step: every position (uniform source) or every masked one (mask source)."""

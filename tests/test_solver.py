@@ -251,3 +251,27 @@ def test_nan_logits_at_frozen_positions_are_ignored(backend):
 
     x = fsdfm.sample(model, 3, seq_len=4, vocab_size=5, prompt=torch.tensor([2]), backend=backend)
     assert bool((x[:, 0] == 2).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("solver", ["euler", "dfm"])
+def test_mask_source_moves_only_masked_positions(solver, backend):
+    """SPEC 2.4 / 2.5: with the mask source the Euler and DFM solvers leave a revealed token
+    where it is, and the DFM draw never puts the mask back, even for a model that gives a
+    revealed position mass elsewhere (here: flat logits over the real tokens)."""
+    V_real = 5
+
+    def flat(x, t, h):
+        logits = torch.zeros(*x.shape, V_real + 1)
+        logits[..., V_real] = 3.0  # the mask token is the likeliest "token"
+        return logits
+
+    n, steps = 400, 16
+    gen = torch.Generator().manual_seed(0)
+    _, states = fsdfm.sample(flat, steps, batch_size=n, seq_len=4, source="mask",
+                             vocab_size=V_real + 1, solver=solver, backend=backend,
+                             return_trajectory=True, generator=gen)  # fmt: skip
+    revealed = states[:-1] != V_real
+    assert bool(revealed[1:].any()), "tokens are revealed along the way"
+    assert bool((states[1:][revealed] == states[:-1][revealed]).all()), "a revealed token moved"
+    assert bool((states[-1] < V_real).all()), "no mask token at the end"
