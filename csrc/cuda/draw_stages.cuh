@@ -228,6 +228,20 @@ __device__ __forceinline__ OnlineSoftmax thread_statistics(const InRow<T>& row, 
   return st;
 }
 
+// Row statistics of the whole block: each thread's partials published in shared memory, one
+// entry per group (= thread). Returns whether any thread saw a NaN; the call is a block barrier.
+template <typename T>
+__device__ __forceinline__ bool block_statistics(const InRow<T>& row, float inv_temp,
+                                                 int excluded, float thr, bool threshold,
+                                                 float* s_max, float* s_total, float* s_allowed) {
+  const OnlineSoftmax st = threshold ? thread_statistics<true>(row, inv_temp, excluded, thr)
+                                     : thread_statistics<false>(row, inv_temp, excluded, thr);
+  s_max[threadIdx.x] = st.m;
+  s_total[threadIdx.x] = st.total;
+  s_allowed[threadIdx.x] = st.allowed;
+  return __syncthreads_or(st.bad) != 0;
+}
+
 // The thread partials of one row (shared memory, one entry per group = thread) combined by
 // warp 0. Lane l holds the groups l*kRun .. l*kRun + kRun - 1.
 struct Groups {

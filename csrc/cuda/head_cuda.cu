@@ -112,12 +112,8 @@ __global__ void __launch_bounds__(kThreads) head_tile_kernel(const TileParams p)
   const float inv_temp = p.inv_temperature;
   const bool finite_barrier = p.row_max != nullptr;
   const float thr = finite_barrier ? reach_threshold(p.row_max[r], p.barrier) : kNegInf;
-  const OnlineSoftmax st = finite_barrier ? thread_statistics<true>(row, inv_temp, excluded, thr)
-                                          : thread_statistics<false>(row, inv_temp, excluded, thr);
-  s_max[t] = st.m;
-  s_total[t] = st.total;
-  s_allowed[t] = st.allowed;
-  const bool bad = __syncthreads_or(st.bad) != 0;
+  const bool bad = block_statistics(row, inv_temp, excluded, thr, finite_barrier, s_max, s_total,
+                                    s_allowed);
   if (t >= 32) return;
 
   // ---- Warp 0 from here on.

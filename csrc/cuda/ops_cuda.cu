@@ -118,12 +118,8 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
   if (finite_barrier && !barrier_threshold(row, inv_temp, a.barrier, s_warp, thr)) {
     return finish(kInvalidToken);
   }
-  const OnlineSoftmax st = finite_barrier ? thread_statistics<true>(row, inv_temp, excluded, thr)
-                                          : thread_statistics<false>(row, inv_temp, excluded, thr);
-  s_max[t] = st.m;
-  s_total[t] = st.total;
-  s_allowed[t] = st.allowed;
-  const bool bad = __syncthreads_or(st.bad) != 0;
+  const bool bad = block_statistics(row, inv_temp, excluded, thr, finite_barrier, s_max, s_total,
+                                    s_allowed);
   if (t >= 32) return;
 
   // ---- Warp 0 from here on.

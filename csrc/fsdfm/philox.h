@@ -69,17 +69,24 @@ struct RowUniforms {
   double within;
 };
 
-// `offset` is the generator's offset in 32-bit outputs (a multiple of 4, as torch hands it out).
-FSDFM_HD RowUniforms row_uniforms(uint64_t seed, uint64_t offset, uint64_t row) {
-  const uint64_t block = offset / 4;
+// Three uniforms from counter blocks `block` and `block + 1` of subsequence `row`.
+FSDFM_HD void three_uniforms(uint64_t seed, uint64_t block, uint64_t row, double (&u)[3]) {
   const Philox4 c0{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                     static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)}};
   const Philox4 c1{{static_cast<uint32_t>(block + 1), static_cast<uint32_t>((block + 1) >> 32),
                     static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)}};
   const Philox4 a = philox4x32_10(c0, seed);
   const Philox4 b = philox4x32_10(c1, seed);
-  return RowUniforms{uniform53(a.w[0], a.w[1]), uniform53(a.w[2], a.w[3]),
-                     uniform53(b.w[0], b.w[1])};
+  u[0] = uniform53(a.w[0], a.w[1]);
+  u[1] = uniform53(a.w[2], a.w[3]);
+  u[2] = uniform53(b.w[0], b.w[1]);
+}
+
+// `offset` is the generator's offset in 32-bit outputs (a multiple of 4, as torch hands it out).
+FSDFM_HD RowUniforms row_uniforms(uint64_t seed, uint64_t offset, uint64_t row) {
+  double u[3];
+  three_uniforms(seed, offset / 4, row, u);
+  return RowUniforms{u[0], u[1], u[2]};
 }
 
 // The uniforms of tile k of a row in the fused head (row_math.h, HeadRow): the choice of a group
@@ -95,15 +102,9 @@ struct TileUniforms {
 FSDFM_HD constexpr uint64_t head_words(uint64_t tiles) { return 4 * (2 + 2 * tiles); }
 
 FSDFM_HD TileUniforms tile_uniforms(uint64_t seed, uint64_t offset, uint64_t row, uint64_t tile) {
-  const uint64_t block = offset / 4 + 2 + 2 * tile;
-  const Philox4 c0{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                    static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)}};
-  const Philox4 c1{{static_cast<uint32_t>(block + 1), static_cast<uint32_t>((block + 1) >> 32),
-                    static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32)}};
-  const Philox4 a = philox4x32_10(c0, seed);
-  const Philox4 b = philox4x32_10(c1, seed);
-  return TileUniforms{uniform53(a.w[0], a.w[1]), uniform53(a.w[2], a.w[3]),
-                      uniform53(b.w[0], b.w[1])};
+  double u[3];
+  three_uniforms(seed, offset / 4 + 2 + 2 * tile, row, u);
+  return TileUniforms{u[0], u[1], u[2]};
 }
 
 }  // namespace fsdfm
