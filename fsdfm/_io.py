@@ -149,14 +149,11 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
-_OWNER = re.compile(re.escape(TMP_MARK) + r"(\d+)-")
+# A temporary of ours: the target's name, the mark, the writer's pid and 8 hex digits.
+_TEMPORARY = re.compile(r"^(?P<target>.+)" + re.escape(TMP_MARK) + r"(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
-def _written_by_a_live_process(path: Path) -> bool:
-    found = _OWNER.search(path.name)
-    if not found:
-        return False
-    pid = int(found.group(1))
+def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -168,16 +165,20 @@ def _written_by_a_live_process(path: Path) -> bool:
     return True
 
 
-def remove_stale_temporaries(*directories: Path) -> None:
-    """Remove the temporaries (files and directories) in ``directories`` whose writer is no
-    longer running: what a killed writer left behind. A live writer's are left alone."""
+def remove_stale_temporaries(*directories: Path, target: str | None = None) -> None:
+    """Remove the temporaries (files and directories) in ``directories`` that a killed writer
+    left: names of the form NAME.tmp-<pid>-<8 hex digits> whose process is gone (with
+    ``target``, only those of that NAME). Anything else, a live writer's included, stays."""
     for directory in directories:
         if not Path(directory).is_dir():
             continue
-        for stale in Path(directory).glob(f"*{TMP_MARK}*"):
-            if _written_by_a_live_process(stale):
+        for entry in Path(directory).glob(f"*{TMP_MARK}*"):
+            found = _TEMPORARY.match(entry.name)
+            if not found or (target is not None and found["target"] != target):
                 continue
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+            if _process_alive(int(found["pid"])):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
             else:
-                stale.unlink(missing_ok=True)
+                entry.unlink(missing_ok=True)

@@ -444,7 +444,8 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory.parent, directory)
+    remove_stale_temporaries(directory)
+    remove_stale_temporaries(directory.parent, target=directory.name)
 
     config = model.config.to_dict()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

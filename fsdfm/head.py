@@ -45,7 +45,7 @@ def _check_head(hidden, weight, bias) -> tuple[int, int, int]:
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, L, d], got {tuple(hidden.shape)}")
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if hidden.dtype not in ops._FLOATS:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     d = hidden.shape[2]
     if weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] < 1:

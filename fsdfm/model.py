@@ -318,7 +318,9 @@ class _NormWeight(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """(shift, scale) = adaLN_modulation(c); logits = linear(LN(x) w (1 + scale) + shift)."""
+    """(shift, scale) = adaLN_modulation(c); logits = linear(LN(x) w (1 + scale) + shift). The
+    model applies ``linear`` itself (FSDFMTransformer._forward), so that the fused head can take
+    its input instead (``head_inputs``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -339,9 +341,6 @@ class FinalLayer(nn.Module):
             c = F.silu(self.condition_fuser(_cast(c, cast)))
         shift, scale = self.adaLN_modulation(_cast(c, cast))[:, None, :].chunk(2, dim=-1)
         return _cast(_norm(x, self.norm_final.weight) * (1 + scale) + shift, cast)
-
-    def forward(self, x: Tensor, c: Tensor, cast) -> Tensor:
-        return self.linear(self.modulated(x, c, cast))
 
 
 class FSDFMTransformer(nn.Module):

@@ -331,17 +331,16 @@ class _Loop:
         mask = self.setup.mask_id
         if self.solver == "cumulative":
             return source.jump(x, self.schedule.cumulative_scalar(t, h).float())
+        movable = True if mask is None else x == mask
         if self.solver == "euler":
             moved = source.jump(x, self.schedule.euler_scalar(h).float())
-            return moved if mask is None else torch.where(x == mask, moved, x)
+            return moved if mask is None else torch.where(movable, moved, x)
         # dfm: move to a fresh draw x_hat with probability 1 - exp(-h kappa_dot / (1 - kappa)).
         x_hat = source.categorical(-1 if mask is None else mask)
         p_move = -torch.expm1(-h * self.schedule.dfm_rate(t))[:, None]
         u = torch.rand(x.shape, device=x.device, generator=self.generator, dtype=torch.float64)
-        move = u < p_move if mask is None else (u < p_move) & (x == mask)
         # A -1 (a row the kernel could not sample) is passed on where the position could move.
-        movable = True if mask is None else x == mask
-        return torch.where(move | ((x_hat < 0) & movable), x_hat, x)
+        return torch.where(((u < p_move) | (x_hat < 0)) & movable, x_hat, x)
 
     def _collapse(self, source, x):
         """The last step: every position (uniform source) or every masked one (mask source)."""

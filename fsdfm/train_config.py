@@ -5,7 +5,6 @@ read from the defaults, a YAML file and command-line flags (later sources win), 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import torch
 
 from fsdfm.distill import TEACHER_TYPES
 from fsdfm.model import PRESETS
-from fsdfm.options import Option, add_options, coerce
+from fsdfm.options import Option, coerce
 from fsdfm.path import SOURCES
 
 __all__ = [
@@ -25,7 +24,6 @@ __all__ = [
     "OPTIONS",
     "TOKENIZERS",
     "TrainConfig",
-    "add_arguments",
     "check_config",
     "config_from_sources",
 ]
@@ -218,18 +216,3 @@ def check_config(c: TrainConfig) -> None:
             )
     if c.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
-
-
-def add_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
-    """The options of ``mode`` as flags (``--seq-len`` for seq_len ...) plus ``--config``. Flags
-    hold text; :func:`config_from_sources` converts and checks them."""
-    parser.add_argument(
-        "--config", metavar="FILE.yaml", help="options as YAML (underscored keys); flags win"
-    )
-    add_options(parser, [option for option, modes in OPTIONS.values() if mode in modes])
-
-
-def config_from_arguments(args: argparse.Namespace, mode: str) -> TrainConfig:
-    """The configuration of ``fsdfm pretrain`` / ``fsdfm distill`` from parsed arguments."""
-    flags = {k: v for k, v in vars(args).items() if k in OPTIONS}
-    return config_from_sources(mode, args.config, flags)

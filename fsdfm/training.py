@@ -80,10 +80,9 @@ from fsdfm.train_config import (
     TOKENIZERS,
     TrainConfig,
     check_config,
-    config_from_arguments,
 )
 
-__all__ = ["STATE_FORMAT", "TrainingDiverged", "main", "train"]
+__all__ = ["STATE_FORMAT", "TrainingDiverged", "train"]
 
 STATE_FORMAT = "fsdfm-train-state"
 STATE_VERSION = 1
@@ -94,11 +93,6 @@ STATE_KEYS = ("step", "config", "data_key", "model", "ema", "optimizer", "sample
 class TrainingDiverged(ValueError):
     """The loss, the gradient norm, a held-out loss or the weights stopped being finite: the run
     stops before it logs or saves anything non-finite, so the last checkpoint stays as it was."""
-
-
-def main(args, mode: str) -> Path:
-    """Run ``fsdfm pretrain`` / ``fsdfm distill`` from parsed arguments."""
-    return train(config_from_arguments(args, mode))
 
 
 def _read_state(path: Path) -> tuple[dict, str]:

@@ -619,3 +619,17 @@ def test_kill_9_during_repeated_saves_leaves_the_old_or_the_new_model(tmp_path):
     assert shapes <= {32, 64}, shapes
     save(FSDFMTransformer(ModelConfig(**SMALL)), target)
     assert not [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_save_removes_only_its_own_stale_temporaries(tmp_path):
+    """Beside the model directory, only a killed writer's temporaries of that directory go: a
+    user's file with '.tmp-' in its name and another target's temporary stay."""
+    kept = [tmp_path / "notes.tmp-backup", tmp_path / "other.tmp-99999999-abcdef12"]
+    for path in kept:
+        path.write_text("mine")
+    stale = tmp_path / "model.tmp-99999999-abcdef12"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    save(FSDFMTransformer(ModelConfig(**SMALL)), tmp_path / "model")
+    assert all(path.read_text() == "mine" for path in kept)
+    assert not stale.exists()
