@@ -49,14 +49,6 @@ def non_negative(value) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
-def at_least_one(value) -> str | None:
-    return None if value >= 1 else "must be >= 1"
-
-
-def unit_interval(value) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
-
-
 def int_list(text) -> tuple[int, ...]:
     """A comma-separated list of positive integers ("1,2,4"), for ``kind=int_list``."""
     try:
@@ -157,9 +149,9 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
         )
 
 
-def values(options: Iterable[Option], given: Mapping[str, Any], *, defaults: bool = True) -> dict:
+def values(options: Iterable[Option], given: Mapping[str, Any]) -> dict:
     """The converted values of ``given`` (name -> text or value, e.g. ``vars(namespace)``) for
-    ``options``, with the defaults of the absent ones when ``defaults``."""
+    ``options``, with the defaults of the absent ones."""
     out = {}
     for option in options:
         if option.name in given:
@@ -168,7 +160,7 @@ def values(options: Iterable[Option], given: Mapping[str, Any], *, defaults: boo
                 out[option.name] = [coerce(option, v) for v in value]
             else:
                 out[option.name] = coerce(option, value)
-        elif defaults:
+        else:
             out[option.name] = option.default
     return out
 

@@ -83,18 +83,6 @@ FSDFM_HEAD_ENTRY_POINTS(c10::Half)
 FSDFM_HEAD_ENTRY_POINTS(c10::BFloat16)
 #undef FSDFM_HEAD_ENTRY_POINTS
 
-RowTask head_task(const HeadArgs& a, int64_t r, float inv_temp, float barrier) {
-  RowTask task{a.mode, true, a.exclude_token, inv_temp, barrier, 0.0f, 0.0f};
-  if (a.mode == DrawMode::kJump) {
-    task.excluded = a.current->const_data_ptr<int64_t>()[r];
-    task.valid = task.excluded >= 0 && task.excluded < a.rows.V;
-    const int64_t seq = r / a.rows.L;
-    task.rate_scale = a.rate_scale->const_data_ptr<float>()[seq];
-    task.h = a.h->const_data_ptr<float>()[seq];
-  }
-  return task;
-}
-
 at::Tensor head_rows(const HeadArgs& a, double barrier, double temperature,
                      const std::optional<at::Generator>& generator) {
   const int64_t N = a.rows.rows(), V = a.rows.V;
@@ -137,7 +125,8 @@ at::Tensor head_rows(const HeadArgs& a, double barrier, double temperature,
         const int64_t n = std::min(kHeadRows, N - r0);
         for (int64_t i = 0; i < n; ++i) {
           state[i] = HeadRow{};
-          task[i] = head_task(a, r0 + i, inv_temp, b);
+          task[i] = row_task(a.mode, a.current, a.exclude_token, a.rate_scale, a.h, a.rows,
+                             r0 + i, inv_temp, b);
           row_max_scaled[i] = kNegInf;
           row_bad[i] = 0;
         }

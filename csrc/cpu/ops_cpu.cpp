@@ -32,22 +32,6 @@ FSDFM_ROW_ENTRY_POINTS(c10::Half)
 FSDFM_ROW_ENTRY_POINTS(c10::BFloat16)
 #undef FSDFM_ROW_ENTRY_POINTS
 
-// The task of row r from the checked arguments of either op.
-RowTask row_task(const DrawArgs& a, int64_t r, float inv_temp, float barrier) {
-  RowTask task{a.mode, true, a.exclude_token, inv_temp, barrier, 0.0f, 0.0f};
-  const std::optional<at::Tensor>& per_row = a.mode == DrawMode::kJump ? a.current : a.exclude;
-  if (per_row) {
-    task.excluded = per_row->const_data_ptr<int64_t>()[r];
-    task.valid = task.excluded >= 0 && task.excluded < a.rows.V;
-  }
-  if (a.mode == DrawMode::kJump) {
-    const int64_t seq = r / a.rows.L;
-    task.rate_scale = a.rate_scale->const_data_ptr<float>()[seq];
-    task.h = a.h->const_data_ptr<float>()[seq];
-  }
-  return task;
-}
-
 // jump_step and sample_categorical: rows in parallel, each from its own Philox counters.
 at::Tensor draw_rows(const DrawArgs& a, double barrier, double temperature,
                      const std::optional<at::Generator>& generator) {
@@ -65,8 +49,9 @@ at::Tensor draw_rows(const DrawArgs& a, double barrier, double temperature,
       std::vector<float> masses(groups);
       for (int64_t r = begin; r < end; ++r) {
         const RowUniforms u = row_uniforms(seed, 0, static_cast<uint64_t>(r));
-        out_ptr[r] = draw_row_isa(base + rows.offset(r), rows.V, row_task(a, r, inv_temp, b), u,
-                                  masses.data());
+        const RowTask task = row_task(a.mode, a.mode == DrawMode::kJump ? a.current : a.exclude,
+                                      a.exclude_token, a.rate_scale, a.h, rows, r, inv_temp, b);
+        out_ptr[r] = draw_row_isa(base + rows.offset(r), rows.V, task, u, masses.data());
       }
     });
   });

@@ -224,6 +224,26 @@ FSDFM_INLINE void generator_row(const T* p, T* out, int64_t V, int64_t z, float 
   }
 }
 
+// The task of row r from an op's checked arguments (DrawArgs, HeadArgs): `per_row` holds each
+// row's excluded destination (x_t for a jump, an exclusion for a draw) or is empty, and
+// rate_scale / h, per sequence, are set for a jump.
+inline RowTask row_task(DrawMode mode, const std::optional<at::Tensor>& per_row,
+                        int64_t exclude_token, const std::optional<at::Tensor>& rate_scale,
+                        const std::optional<at::Tensor>& h, const RowLayout& rows, int64_t r,
+                        float inv_temp, float barrier) {
+  RowTask task{mode, true, exclude_token, inv_temp, barrier, 0.0f, 0.0f};
+  if (per_row) {
+    task.excluded = per_row->const_data_ptr<int64_t>()[r];
+    task.valid = task.excluded >= 0 && task.excluded < rows.V;
+  }
+  if (mode == DrawMode::kJump) {
+    const int64_t seq = r / rows.L;
+    task.rate_scale = rate_scale->const_data_ptr<float>()[seq];
+    task.h = h->const_data_ptr<float>()[seq];
+  }
+  return task;
+}
+
 // A fresh 64-bit key from the CPU generator: one per call of an op.
 inline uint64_t draw_seed(const std::optional<at::Generator>& generator) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
