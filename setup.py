@@ -8,7 +8,13 @@ Build with `python setup.py build_ext --inplace` or `pip install --no-build-isol
 import os
 import sys
 
-import torch
+try:
+    import torch
+except ImportError:  # pip's isolated build environment, or torch not installed yet
+    raise SystemExit(
+        "fsdfm builds its kernels against the installed PyTorch, which this Python lacks: install "
+        "torch first (e.g. pip install torch==2.13.0), then pip install --no-build-isolation ."
+    ) from None
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

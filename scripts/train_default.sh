@@ -4,7 +4,8 @@
 # with `fsdfm pretrain`, an FS-DFM student distilled from it with `fsdfm distill` (RK-4 shortcut
 # teacher), and the student's EMA weights in bf16 with the tokenizer beside them (~17 MB).
 #
-#   bash scripts/train_default.sh                 # the shipped model: ~85 min on a 2-core CPU
+#   bash scripts/train_default.sh                 # the shipped model's run: ~85 min on 2 cores
+#   INSTALL=1 bash scripts/train_default.sh       # ... and replace fsdfm/assets/default with it
 #   PRETRAIN_STEPS=2 DISTILL_STEPS=2 WORK=/tmp/smoke bash scripts/train_default.sh   # smoke run
 #
 # The defaults are the run that produced the shipped weights (docs/results.md): the "small"
@@ -16,7 +17,7 @@
 # Environment: WORK (runs and corpus, default ./runs/default), PRESET (small), SEQ_LEN (256),
 # BATCH (16), PRETRAIN_STEPS (1600), PRETRAIN_LR (1e-3), DISTILL_STEPS (300), DISTILL_LR (1e-4),
 # DEVICE (cuda when available), PYTHON (.venv/bin/python),
-# INSTALL (1: copy the result into fsdfm/assets/default).
+# INSTALL (0: leave the shipped model alone, the default; 1: replace fsdfm/assets/default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -51,11 +52,14 @@ tokens=$(ls "$work"/teacher/data/*.bin | head -n 1)
   --ema 0.98 --eval-every 100 --save-every 100 --device "$device"
 echo "[$((SECONDS - start))s] student distilled"
 
-if [ "${INSTALL:-1}" = 1 ]; then
+if [ "${INSTALL:-0}" = 1 ]; then
   "$py" -c "
 import torch, fsdfm
 model = fsdfm.load('$work/student/model_ema', dtype=torch.bfloat16)
 fsdfm.save(model, 'fsdfm/assets/default')
 print('installed fsdfm/assets/default:', model.config)"
+else
+  echo "the model is $work/student/model_ema (fsdfm sample --model $work/student/model_ema);" \
+    "INSTALL=1 makes it the bundled default"
 fi
 echo "[$((SECONDS - start))s] done"

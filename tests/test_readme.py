@@ -19,6 +19,9 @@ import torch
 from test_checkpoint import random_state_dict
 
 import fsdfm
+from fsdfm._io import sha256_of
+from fsdfm.checkpoint import DEFAULT_MODEL
+from fsdfm.cli import COMMANDS
 from fsdfm.model import GPT2_VOCAB
 from fsdfm.tokenizer import train_bpe
 
@@ -35,6 +38,7 @@ IN_CI = {*QUICK_START, ".venv/bin/python -m pytest benchmarks"}
 TINY_TRAINING = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2"]
 # What each command that runs here gets appended, by its first two words.
 SHRINK = {
+    "fsdfm": [],
     "fsdfm sample": [],
     "fsdfm bench": ["--repeats", "1", "--length", "32"],
     "fsdfm convert": [],
@@ -62,6 +66,9 @@ def bash_commands() -> list[str]:
 
 
 def kind(command: str) -> str:
+    words = shlex.split(command)
+    if words[0] == "fsdfm" and (len(words) == 1 or words[1] not in COMMANDS):
+        return "fsdfm"  # the main job, `fsdfm [PROMPT] [sample options]`
     return " ".join(command.split()[:2])
 
 
@@ -117,7 +124,7 @@ def test_readme_bash_commands_run(workdir):
         extra = SHRINK[kind(command)]
         if words[0] == "fsdfm":
             result = run([sys.executable, "-m", "fsdfm", *words[1:], *extra], workdir)
-            if words[1] == "sample":
+            if kind(command) in ("fsdfm", "fsdfm sample"):
                 assert result.stdout.strip(), f"{command!r} printed no text"
         elif words[0] == "torchrun":
             torchrun = Path(sys.executable).with_name("torchrun")
@@ -127,10 +134,13 @@ def test_readme_bash_commands_run(workdir):
             (work / "corpus").mkdir(parents=True, exist_ok=True)
             (work / "corpus" / "corpus.txt").write_text((workdir / "corpus.txt").read_text())
             train_bpe([work / "corpus" / "corpus.txt"], 300, work / "bpe" / "tokenizer.json")
-            shrink = {"PRESET": "tiny", "SEQ_LEN": "32", "BATCH": "2", "INSTALL": "0"}
+            shrink = {"PRESET": "tiny", "SEQ_LEN": "32", "BATCH": "2"}
             shrink |= {"PRETRAIN_STEPS": "2", "DISTILL_STEPS": "2", "DEVICE": "cpu"}
+            shipped = sha256_of(DEFAULT_MODEL / "model.safetensors")
             run(words, ROOT, {"WORK": str(work), "PYTHON": sys.executable, **shrink})
             assert (work / "student" / "model_ema" / "model.safetensors").exists()
+            # Without INSTALL=1 the recipe never touches the shipped model.
+            assert sha256_of(DEFAULT_MODEL / "model.safetensors") == shipped
 
 
 class _TinyScorer:
@@ -154,3 +164,25 @@ def test_readme_python_blocks_run(workdir, monkeypatch):
     namespace: dict = {}
     for block in code_blocks("python"):
         exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_setup_without_torch_says_how_to_install(tmp_path):
+    """pip's isolated build (or a Python without torch) gets one line on what to do."""
+    shadow = tmp_path / "torch"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--version"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("fsdfm builds its kernels against the installed PyTorch")
+    )
+    assert "--no-build-isolation" in result.stderr
