@@ -24,13 +24,16 @@ def per_sequence(
     device: torch.device,
     name: str,
     *,
-    non_negative: bool = False,
+    low: float = 0.0,
+    high: float = math.inf,
+    check_values: bool = True,
     move: bool = False,
 ) -> torch.Tensor:
     """A per-sequence scalar given as a number or a 0-d / [B] floating-point tensor, as a float32
-    [B] tensor on ``device``. A tensor elsewhere is an error unless ``move`` (then it is copied
-    there without synchronising). Numbers are checked for NaN (and, with ``non_negative``, for
-    negative values); tensors are not read, which on CUDA would synchronise."""
+    [B] tensor on ``device``; every value must lie in [low, high] (NaN never does). A tensor
+    elsewhere is an error unless ``move`` (then it is copied there without synchronising).
+    Numbers are always checked; tensors only with ``check_values``, since reading a CUDA tensor
+    synchronises with the host (a sampling loop checks nothing: it made the values itself)."""
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(
@@ -44,12 +47,33 @@ def per_sequence(
             )
         if value.device != device and not move:
             raise ValueError(f"{name} is on {value.device} but the logits are on {device}")
+        if check_values and value.device.type != "meta":
+            outside = value.isnan() | (value < low) | (value > high)
+            if bool(outside.any()):
+                i = int(outside.nonzero()[0, 0])
+                raise ValueError(
+                    f"{name} must {_requirement(low, high)}, got {name}[{i}] = {float(value[i])}"
+                )
         return value.to(device=device, dtype=torch.float32).contiguous()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
-    if math.isnan(value) or (non_negative and value < 0):
-        raise ValueError(f"{name} must be {'>= 0' if non_negative else 'a number'}, got {value}")
+    if not low <= value <= high:  # False for NaN too
+        raise ValueError(f"{name} must {_requirement(low, high)}, got {value}")
     return torch.full((batch,), float(value), dtype=torch.float32, device=device)
+
+
+def _requirement(low: float, high: float) -> str:
+    if low == -math.inf and high == math.inf:
+        return "be a number (not NaN)"
+    return f"lie in [{low:g}, {high:g}]" if high < math.inf else f"lie in [{low:g}, inf)"
+
+
+def seeded_generator(seed, device: torch.device | str, name: str = "seed") -> torch.Generator:
+    """A fresh torch.Generator on ``device`` seeded with ``seed``, an int in [0, 2**64) (the
+    range of torch.manual_seed's unsigned seeds)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"{name} must be an integer in [0, 2**64), got {seed!r}")
+    return torch.Generator(device).manual_seed(seed)
 
 
 def resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fsdfm._args import resolve_device
 from fsdfm._io import (
     Staging,
     exchange,
@@ -97,6 +98,8 @@ def load(
     The model's ``tokenizer_name`` is the directory's ``tokenizer``, or for a ``.pth`` file
     "gpt2" when the vocabulary is GPT-2's (50257 real tokens), else None.
     """
+    if device is not None:
+        device = resolve_device(device)
     if str(path) == "default" and dtype is None and torch.device(device or "cpu").type != "cuda":
         dtype = torch.float32
     path = _default_if_named(path)
@@ -304,20 +307,60 @@ def _read_directory(path: Path) -> tuple[dict[str, Tensor], ModelConfig, str | N
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise ValueError(f"{config_path}: tokenizer must be a string or null, got {tokenizer!r}")
     if tokenizer is not None and tokenizer not in NAMED_TOKENIZERS:
-        if not (path / tokenizer).is_file():
+        # A model names its own tokenizer file, inside its directory: a path elsewhere would
+        # make loading depend on (and read) files the directory does not hold.
+        file = path / tokenizer
+        if Path(tokenizer).name != tokenizer or not file.resolve().parent.samefile(path):
+            raise ValueError(
+                f"{config_path}: tokenizer must be gpt2, byte or a file name inside the model "
+                f"directory, got {tokenizer!r}"
+            )
+        if not file.is_file():
             raise FileNotFoundError(f"{path}: the tokenizer file {tokenizer!r} is missing")
-        tokenizer = str(path / tokenizer)
+        tokenizer = str(file)
     try:
         config = ModelConfig.from_dict(data)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: {error}") from None
     state_dict, metadata = _read_safetensors(weights_path)
-    if "config" in metadata and json.loads(metadata["config"]) != config.to_dict():
+    if "config" in metadata:
+        if _json_or_none(metadata["config"]) != config.to_dict():
+            raise ValueError(
+                f"{path}: {CONFIG_FILE} and {WEIGHTS_FILE} record different configs (an "
+                "interrupted save, or files from two models?)"
+            )
+    elif version >= 2:  # save always records the config beside the weights
         raise ValueError(
-            f"{path}: {CONFIG_FILE} and {WEIGHTS_FILE} record different configs (an interrupted "
-            "save, or files from two models?)"
+            f"{weights_path} lacks the config that fsdfm.save records with the weights: it was "
+            f"replaced by another file (load a bare state dict as {WEIGHTS_FILE} by its path)"
         )
+    _check_config_against_weights(config, state_dict, config_path)
     return state_dict, config, tokenizer
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _check_config_against_weights(config: ModelConfig, state_dict, config_path: Path) -> None:
+    """Every field of ``config`` that the weights' shapes determine must agree with them, so
+    that a hand-edited config.json is caught by name (the source and seq_len leave no trace in
+    the weights: only the recorded metadata can vouch for those)."""
+    try:
+        implied = config_from_state_dict(
+            state_dict, seq_len=config.seq_len, dropout=config.dropout, source=config.source
+        )
+    except ValueError:
+        return  # weights of another layout: _build names the missing and unexpected keys
+    for field in ("vocab_size", "dim", "n_blocks", "n_heads", "cond_dim", "step_conditioned"):
+        said, found = getattr(config, field), getattr(implied, field)
+        if said != found:
+            raise ValueError(
+                f"{config_path} says {field} = {said!r} but the weights have {field} = {found!r}"
+            )
 
 
 def _build(
@@ -430,8 +473,6 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
         or None for the model's ``tokenizer_name``. A BPE tokenizer (a path to its
         tokenizer.json) is copied into the directory, and :func:`load` gives its copy.
     """
-    from safetensors.torch import save_file
-
     model = _unwrap(model)
     name = _tokenizer_name(tokenizer, model)
     # A BPE tokenizer given by path travels with the model: its tokenizer.json is copied into
@@ -460,7 +501,7 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
         if bpe_bytes is not None:
             stage.write(where / TOKENIZER_FILE, lambda f: f.write(bpe_bytes))
         stage.write_path(
-            where / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+            where / WEIGHTS_FILE, lambda tmp: _save_safetensors(tensors, tmp, metadata)
         )
         files = {target.name: sha256_of(tmp) for tmp, target in stage.staged()}
         document = {
@@ -495,6 +536,22 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
         write_files(stage, directory)
         stage.commit()
     return directory
+
+
+def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' save_file, with its I/O failures (a read-only or full disk) as the OSError
+    that every other writer raises, not a SafetensorError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        errno_ = int(code.group(1))
+        raise OSError(errno_, os.strerror(errno_), str(path)) from error
 
 
 def _only_model_files(directory: Path) -> bool:

@@ -8,7 +8,7 @@
     fsdfm eval --model NAME=PATH [--model ...] [--steps 1,2,4,8] [--scorer gpt2-large] ...
 
 Without a subcommand it runs ``fsdfm sample`` (``--watch`` on a terminal): the bundled model
-writes a text in 8 steps. Every subcommand's options are a table of :class:`fsdfm.options.Option`
+writes a text in 8 steps; ``fsdfm "Once upon a time" --steps 4`` continues a prompt the same way. Every subcommand's options are a table of :class:`fsdfm.options.Option`
 (flags, ``--help`` and errors come from it; the training commands' table is
 :data:`fsdfm.train_config.OPTIONS`, which also gives their YAML keys).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fsdfm._args import resolve_device
+from fsdfm._args import resolve_device, seeded_generator
 from fsdfm.checkpoint import WEIGHT_CHOICES
 from fsdfm.options import (
     Option,
@@ -38,6 +38,7 @@ from fsdfm.options import (
     int_list,
     non_negative,
     positive,
+    seed,
     values,
 )
 from fsdfm.solver import SOLVERS
@@ -63,7 +64,7 @@ COMPILE = Option(
     "on the CPU)",
     default=False,
 )
-SEED = Option("seed", int, "random seed (default 0)", default=0)
+SEED = Option("seed", int, "random seed (default 0)", default=0, check=seed)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ def _bench(o: dict) -> None:
     B, L, V = o["n"], o["length"] or model.config.seq_len, model.config.vocab_size
     if L > model.config.seq_len:
         raise ValueError(f"--length must be at most the model's {model.config.seq_len}, got {L}")
-    g = torch.Generator(device).manual_seed(o["seed"])
+    g = seeded_generator(o["seed"], device, "--seed")
     logits = torch.randn(B, L, V, device=device, generator=g) * 3
     x_t = torch.randint(0, V, (B, L), device=device, generator=g)
 
@@ -512,12 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     named = [word for word in argv if word in COMMANDS]
     name = f"fsdfm {named[0]}" if named else "fsdfm"
+    if not named and not {"-h", "--help"} & set(argv):
+        # `fsdfm [PROMPT] [sample options]`: the main job, generating with the bundled model.
+        watch = ["--watch"] if sys.stderr.isatty() and "--progress" not in argv else []
+        argv, name = ["sample", *watch, *argv], "fsdfm sample"
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if args.command is None:  # the main job: generate with the bundled model
-            watch = ["--watch"] if sys.stderr.isatty() else []
-            args = parser.parse_args([*(["--debug"] if debug else []), "sample", *watch])
         name = f"fsdfm {args.command}"
         command = COMMANDS[args.command]
         command.run(_options_of(command, args))

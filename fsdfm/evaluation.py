@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from fsdfm._args import model_device, positive_int, resolve_device
+from fsdfm._args import model_device, positive_int, resolve_device, seeded_generator
 from fsdfm.metrics import generative_perplexity, load_scorer, unigram_entropy
+from fsdfm.path import real_vocab_size
 from fsdfm.solver import SOLVERS
 from fsdfm.solver import sample as fsdfm_sample
 
@@ -80,6 +81,7 @@ def sweep(
     clash = set(metric_fns) & {*BASE_COLUMNS, *TAIL_COLUMNS}
     if clash:
         raise ValueError(f"metric names {sorted(clash)} clash with the standard columns")
+    _check_scorer_vocabularies(models, metric_fns)
     plan = [(name, solver, k) for name in models for solver in per_model[name] for k in steps]
     bar = None
     if progress:
@@ -121,7 +123,7 @@ def _draw(model, solver, steps, n, batch_size, seed, sample_kwargs, device):
     if device is not None:
         kwargs["device"] = device
     where = torch.device(device) if device is not None else model_device(model) or "cpu"
-    generator = torch.Generator(where).manual_seed(seed)
+    generator = seeded_generator(seed, where)
     parts = []
     start = time.perf_counter()
     with torch.no_grad():
@@ -245,12 +247,34 @@ def _plot(rows, path: Path, quality: str | None, title: str | None, lower_is_bet
 def gen_ppl_metric(scorer, *, batch_size: int = 16, device=None) -> Callable:
     """A :func:`sweep` metric: tokens [n, L] -> {"gen_ppl": the mean over samples of
     generative perplexity under ``scorer``, "gen_ppl_corpus": the pooled one}; ``scorer`` as
-    :func:`fsdfm.metrics.generative_perplexity` takes it, loaded here once if a name."""
+    :func:`fsdfm.metrics.generative_perplexity` takes it, loaded here once if a name. The
+    metric's ``vocab_size`` is the scorer's, which :func:`sweep` compares with each model's."""
     device = resolve_device(device)
+    name = scorer if isinstance(scorer, str) else type(scorer).__name__
     scorer = load_scorer(scorer, device)
 
     def metric(tokens: torch.Tensor) -> dict[str, float]:
         result = generative_perplexity(tokens, scorer, batch_size=batch_size, device=device)
         return {"gen_ppl": result["mean"], "gen_ppl_corpus": result["corpus"]}
 
+    metric.vocab_size = getattr(getattr(scorer, "config", None), "vocab_size", None)
+    metric.scorer_name = name
     return metric
+
+
+def _check_scorer_vocabularies(models: Mapping, metric_fns: Mapping) -> None:
+    """A scorer reads the samples' token ids as its own: the perplexity means something only
+    if it has the model's tokenizer, which at least needs the same number of real tokens."""
+    for metric_name, fn in metric_fns.items():
+        theirs = getattr(fn, "vocab_size", None)
+        for model_name, model in models.items():
+            config = getattr(model, "config", None)
+            if theirs is None or config is None:
+                continue
+            ours = real_vocab_size(config.source, config.vocab_size)
+            if ours != theirs:
+                raise ValueError(
+                    f"{metric_name}: the scorer {getattr(fn, 'scorer_name', '')} has a "
+                    f"vocabulary of {theirs} tokens but model {model_name!r} has {ours}: "
+                    "the scorer must share the model's tokenizer"
+                )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fsdfm._args import model_device, positive_int
+from fsdfm import path
+from fsdfm._args import model_device, positive_int, seeded_generator
 from fsdfm.solver import sample
 
 
@@ -37,6 +38,7 @@ def generate(
         raise TypeError("prompt must be a string, a non-empty list of strings, or None")
     positive_int(num_return_sequences, "num_return_sequences")
     config = getattr(model, "config", None)
+    _check_vocabularies(tokenizer, config)
     length = max_length if max_length is not None else getattr(config, "seq_len", None)
     if length is None:
         raise ValueError("max_length is required for a model without a config")
@@ -54,9 +56,11 @@ def generate(
         init[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         edit_mask[i, : len(tokens)] = False
     frozen = {"init": init, "edit_mask": edit_mask} if longest else {}
-    if seed is not None and "generator" not in sample_kwargs:
+    if seed is not None:
+        if sample_kwargs.get("generator") is not None:
+            raise ValueError("pass seed or generator, not both")
         device = sample_kwargs.get("device") or model_device(model) or "cpu"
-        sample_kwargs["generator"] = torch.Generator(device).manual_seed(seed)
+        sample_kwargs["generator"] = seeded_generator(seed, device)
     tokens = sample(model, steps, batch_size=B, seq_len=length, **frozen, **sample_kwargs)
     texts = []
     for i, prefix in enumerate(rows):
@@ -65,3 +69,21 @@ def generate(
             continuation = continuation[: continuation.index(tokenizer.eos_id)]
         texts.append(tokenizer.decode(prefix + continuation))
     return texts
+
+
+def _check_vocabularies(tokenizer, config) -> None:
+    """A tokenizer and a model belong together only if they count the same real tokens: other
+    ids would be out of range for one of them, or decode to unrelated text."""
+    for needed in ("encode", "decode", "eos_id"):
+        if not hasattr(tokenizer, needed):
+            raise TypeError(f"tokenizer must have encode, decode and eos_id; it lacks {needed}")
+    theirs = getattr(tokenizer, "vocab_size", None)
+    if config is None or theirs is None:
+        return
+    ours = path.real_vocab_size(config.source, config.vocab_size)
+    if theirs != ours:
+        name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        raise ValueError(
+            f"tokenizer {name} has {theirs} tokens but the model has {ours} "
+            "(not counting a mask): they do not belong together (use the model's own tokenizer)"
+        )

@@ -43,6 +43,7 @@ def _check_head(hidden, weight, bias) -> tuple[int, int, int]:
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        ops.check_has_data(t, name)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, L, d], got {tuple(hidden.shape)}")
     if hidden.dtype not in ops._FLOATS:
@@ -69,7 +70,7 @@ def _check_head(hidden, weight, bias) -> tuple[int, int, int]:
 def _prepare(hidden, weight, bias, barrier, temperature, generator):
     B, L, V = _check_head(hidden, weight, bias)
     ops.check_scalars(barrier, temperature)
-    ops._check_generator(generator, hidden.device)
+    ops.check_generator(generator, hidden.device)
     return B, L, V
 
 
@@ -79,8 +80,8 @@ def _prepare_jump(hidden, weight, bias, x_t, rate_scale, h, barrier, temperature
     ops._check_tokens(x_t, B, L, hidden.device, "x_t")
     if validate:
         ops.check_token_range(x_t, V, "x_t")
-    rate_scale = per_sequence(rate_scale, B, hidden.device, "rate_scale")
-    h = per_sequence(h, B, hidden.device, "h", non_negative=True)
+    rate_scale = ops.rate_scale_of(rate_scale, B, hidden.device, validate)
+    h = per_sequence(h, B, hidden.device, "h", check_values=validate)
     return rate_scale, h
 
 
@@ -94,7 +95,7 @@ def _exclude_token(exclude, V: int) -> int:
     return exclude
 
 
-def _raise_invalid(out, hidden, weight, bias, nothing_left: str) -> None:
+def _raise_invalid(out, hidden, weight, bias, nothing_left: str, temperature: float) -> None:
     """The kernels' -1 rows as an error that says what is wrong (from the offending row's
     logits, recomputed)."""
     bad = out < 0
@@ -102,7 +103,7 @@ def _raise_invalid(out, hidden, weight, bias, nothing_left: str) -> None:
         b, pos = (int(i) for i in bad.nonzero()[0])
         row = F.linear(hidden[b, pos], weight, bias)[None, None]
         ops._raise_invalid_rows(out[b, pos][None, None], row, f"logits of hidden[{b}, {pos}]",
-                                nothing_left)  # fmt: skip
+                                nothing_left, temperature)  # fmt: skip
 
 
 def head_jump_step(
@@ -128,7 +129,7 @@ def head_jump_step(
         hidden, weight, bias, x_t, rate_scale, h, float(barrier), float(temperature), generator
     )
     if validate:
-        _raise_invalid(out, hidden, weight, bias, "")
+        _raise_invalid(out, hidden, weight, bias, "", temperature)
     return out
 
 
@@ -152,7 +153,7 @@ def head_sample_categorical(
         hidden, weight, bias, token, float(barrier), float(temperature), generator
     )
     if validate:
-        _raise_invalid(out, hidden, weight, bias, ops._NOTHING_LEFT)
+        _raise_invalid(out, hidden, weight, bias, ops._NOTHING_LEFT, temperature)
     return out
 
 

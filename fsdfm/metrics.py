@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from fsdfm._args import model_device, positive_int, resolve_device
+from fsdfm._args import model_device, positive_int, resolve_device, seeded_generator
 from fsdfm.losses import generalized_kl
 from fsdfm.path import MixturePath, PolynomialSchedule, check_source, sample_source
 
@@ -189,7 +189,7 @@ def elbo(
     device = torch.device(device or model_device(model) or "cpu")
     schedule = schedule or PolynomialSchedule()
     path = MixturePath(schedule)
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = seeded_generator(seed, device)
     times = (torch.arange(n_times, dtype=torch.float64) + 0.5) / n_times
     N, L = tokens.shape
     per_time = torch.zeros(n_times, dtype=torch.float64, device=device)  # summed on the device

@@ -348,11 +348,12 @@ class FSDFMTransformer(nn.Module):
 
     ``model(x_t, t, h=None)`` -> logits [B, L, vocab_size] (float32, or bfloat16 under CUDA
     autocast and for a bf16 model), for x_t int64 [B, L] (L <=
-    ``config.seq_len``), t (and h, the step size) floats or [B] tensors. A teacher ignores h; a
-    student (``config.step_conditioned``) requires it.
+    ``config.seq_len``), t (and h, the step size) floats or [B] tensors in [0, 1]. A teacher
+    ignores h; a student (``config.step_conditioned``) requires it.
 
     Input checks never synchronise with a CUDA device: dtype, shape and device are always checked,
-    the token-id range only for CPU tensors (an out-of-range id on CUDA fails inside the embedding).
+    the token-id range and the values of t and h only for CPU tensors (floats always; an
+    out-of-range id on CUDA fails inside the embedding).
     With t and h given as float32 [B] tensors on the model's device the forward is device work only,
     so it can be captured in a CUDA graph (``fsdfm.sample(..., cuda_graph=True)``).
 
@@ -382,6 +383,16 @@ class FSDFMTransformer(nn.Module):
         self._compiled_hidden = None
 
     # -- torch.compile ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (as in Hugging Face models)."""
+        return self.vocab_embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (the rotary frequencies aside, always float32)."""
+        return self.vocab_embed.weight.dtype
+
     def compile(self, **kwargs) -> FSDFMTransformer:
         """Compile the computation with ``torch.compile(**kwargs)`` (e.g. ``mode="max-autotune"``,
         ``dynamic=False``); returns self. The input checks run eagerly before the compiled graph.
@@ -433,19 +444,21 @@ class FSDFMTransformer(nn.Module):
         device = self.vocab_embed.weight.device
         if x_t.device != device:
             raise ValueError(f"x_t is on {x_t.device} but the model is on {device}")
-        if x_t.device.type == "cpu" and x_t.numel():  # never on CUDA: it would synchronise
+        on_cpu = x_t.device.type == "cpu"  # values are read only there: on CUDA it would sync
+        if on_cpu and x_t.numel():
             lo, hi = (int(v) for v in torch.aminmax(x_t))
             if lo < 0 or hi >= cfg.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"x_t holds token id {bad}, outside [0, {cfg.vocab_size})")
-        t = per_sequence(t, B, device, "t", move=True)
+        # t and h outside [0, 1] (NaN, inf) have no meaning on the path and give NaN logits.
+        t = per_sequence(t, B, device, "t", high=1.0, check_values=on_cpu, move=True)
         if cfg.step_conditioned:
             if h is None:
                 raise ValueError(
                     "this model is step-conditioned (an FS-DFM student): pass h, the step size, "
                     "as model(x_t, t, h)"
                 )
-            h = per_sequence(h, B, device, "h", move=True)
+            h = per_sequence(h, B, device, "h", high=1.0, check_values=on_cpu, move=True)
         else:
             h = None  # a teacher ignores the step size
         return t, h

@@ -20,9 +20,11 @@ plainly in PyTorch the way the released FS-DFM code does it (softmax, one-hot, r
 ``torch.multinomial`` in float64, materialised). Both draw from the same law; the native draw is
 an exact inverse-CDF with 53-bit uniforms (csrc/fsdfm/row_math.h).
 
-Bad input raises a ``ValueError`` / ``TypeError`` naming the argument. With ``validate=True`` (the
-default) the wrappers also check token ids and the outputs, which on CUDA synchronises with the
-host; a sampling loop passes ``validate=False`` and checks once at the end. The kernels never read
+Bad input raises a ``ValueError`` / ``TypeError`` naming the argument (h >= 0, rate_scale any
+number but NaN, 1 / temperature finite in float32; meta tensors are refused: there is nothing to
+draw from). With ``validate=True`` (the default) the wrappers also check token ids, the values
+of tensor ``h`` / ``rate_scale`` and the outputs, which on CUDA synchronises with the host; a
+sampling loop passes ``validate=False`` and checks once at the end. The kernels never read
 out of bounds: a row they cannot sample (NaN or +inf logits, all -inf, a token id out of range,
 nothing left to draw) gets the token -1, which ``validate=True`` turns into an error.
 """
@@ -92,6 +94,7 @@ def _require_native(device: torch.device) -> None:
 def _check_rows(t: torch.Tensor, name: str) -> tuple[int, int, int]:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    check_has_data(t, name)
     if t.dim() != 3:
         raise ValueError(f"{name} must have shape [B, L, V], got {tuple(t.shape)}")
     if t.dtype not in _FLOATS:
@@ -99,6 +102,19 @@ def _check_rows(t: torch.Tensor, name: str) -> tuple[int, int, int]:
     if t.shape[2] < 1:
         raise ValueError(f"{name} must have V >= 1 entries per row, got {tuple(t.shape)}")
     return t.shape[0], t.shape[1], t.shape[2]
+
+
+def rate_scale_of(rate_scale, B: int, device: torch.device, validate: bool) -> torch.Tensor:
+    """rate_scale as float32 [B]. Any number but NaN: a negative scale makes every rate
+    negative, which the clipping max(., 0) of SPEC 2.3 turns into no move at all."""
+    return per_sequence(rate_scale, B, device, "rate_scale", low=-math.inf, check_values=validate)
+
+
+def check_has_data(t: torch.Tensor, name: str) -> None:
+    """Meta tensors have shapes but no values, and every op here draws from values (shape
+    propagation under torch.compile goes through the fake kernels instead)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: sampling needs values (a cpu or cuda tensor)")
 
 
 def _check_tokens(x: torch.Tensor, B: int, L: int, device: torch.device, name: str) -> None:
@@ -118,20 +134,32 @@ def check_token_range(x: torch.Tensor, V: int, name: str) -> None:
         raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {V})")
 
 
+_SMALLEST_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
 def check_scalars(barrier: float, temperature: float) -> None:
     if not isinstance(barrier, (int, float)) or math.isnan(barrier) or barrier < 0:
         raise ValueError(f"barrier must be >= 0 (math.inf disables it), got {barrier!r}")
     if not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if temperature < _SMALLEST_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be at least {_SMALLEST_TEMPERATURE:.3g} (the kernels scale by "
+            f"1 / temperature in float32, which overflows below that), got {temperature!r}"
+        )
 
 
-def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+def check_generator(
+    generator: torch.Generator | None, device: torch.device, where: str = "the logits are"
+) -> None:
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be None or a torch.Generator, got {type(generator).__name__}"
+        )
     if generator.device.type != device.type:
-        raise ValueError(f"generator is for {generator.device} but the logits are on {device}")
+        raise ValueError(f"generator is for {generator.device} but {where} on {device}")
 
 
 def _exclusion(
@@ -161,7 +189,7 @@ class InvalidRowsError(ValueError):
 
 
 def _raise_invalid_rows(
-    out: torch.Tensor, logits: torch.Tensor, name: str, nothing_left: str
+    out: torch.Tensor, logits: torch.Tensor, name: str, nothing_left: str, temperature: float
 ) -> None:
     """Turn the kernels' -1 rows into an error that says what is wrong with which argument."""
     bad = out < 0
@@ -175,20 +203,33 @@ def _raise_invalid_rows(
         what = "holds +inf"
     elif bool((row == -math.inf).all()):
         what = "is -inf everywhere"
+    elif _invalid_scaled(row, temperature):
+        largest = float(row[row.isfinite()].abs().max())
+        raise InvalidRowsError(
+            f"{name}[{b}, {pos}] / temperature overflows float32 (|logits| up to {largest:g}, "
+            f"temperature = {temperature:g}): use a larger temperature"
+        )
     else:
         what = nothing_left or "cannot be sampled"
     raise InvalidRowsError(f"{name}[{b}, {pos}] {what}: no distribution to sample from")
+
+
+def _invalid_scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Whether each row of logits / temperature (as the kernels scale them, in float32) holds
+    NaN or +inf or nothing finite: a tiny temperature overflows finite logits."""
+    scaled = rows.float() * (1.0 / temperature)
+    return (scaled.isnan() | (scaled == math.inf)).any(-1) | ~(scaled > -math.inf).any(-1)
 
 
 def _prepare_jump(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
     B, L, V = _check_rows(logits, "logits")
     _check_tokens(x_t, B, L, logits.device, "x_t")
     check_scalars(barrier, temperature)
-    _check_generator(generator, logits.device)
+    check_generator(generator, logits.device)
     if validate:
         check_token_range(x_t, V, "x_t")
-    rate_scale = per_sequence(rate_scale, B, logits.device, "rate_scale")
-    h = per_sequence(h, B, logits.device, "h", non_negative=True)
+    rate_scale = rate_scale_of(rate_scale, B, logits.device, validate)
+    h = per_sequence(h, B, logits.device, "h", check_values=validate)
     return rate_scale, h
 
 
@@ -200,14 +241,14 @@ def _prepare_generator(probs, x_t, rate_scale, barrier, validate):
         check_token_range(x_t, V, "x_t")
         if bool(probs.isnan().any()) or bool((probs < 0).any()):
             raise ValueError("probs must be non-negative and free of NaN")
-    return per_sequence(rate_scale, B, probs.device, "rate_scale")
+    return rate_scale_of(rate_scale, B, probs.device, validate)
 
 
 def _prepare_sample(logits, exclude, barrier, temperature, generator, validate):
     """(exclusion tensor, exclusion token) after the checks of sample_categorical(_ref)."""
     B, L, V = _check_rows(logits, "logits")
     check_scalars(barrier, temperature)
-    _check_generator(generator, logits.device)
+    check_generator(generator, logits.device)
     ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
     if validate and ex_tensor is not None:
         check_token_range(ex_tensor, V, "exclude")
@@ -259,7 +300,7 @@ def jump_step(
         logits, x_t, rate_scale, h, float(barrier), float(temperature), generator
     )
     if validate:
-        _raise_invalid_rows(out, logits, "logits", "")
+        _raise_invalid_rows(out, logits, "logits", "", temperature)
     return out
 
 
@@ -282,7 +323,7 @@ def sample_categorical(
         logits, ex_tensor, ex_token, float(barrier), float(temperature), generator
     )
     if validate:
-        _raise_invalid_rows(out, logits, "logits", _NOTHING_LEFT)
+        _raise_invalid_rows(out, logits, "logits", _NOTHING_LEFT, temperature)
     return out
 
 
@@ -366,7 +407,7 @@ def jump_step_ref(
 def _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
     """jump_step_ref on checked arguments (rate_scale and h float32 [B])."""
     if validate:
-        _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
+        _raise_invalid_rows(_finite_rows(logits, temperature), logits, "logits", "", temperature)
     B, L, V = logits.shape
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     rates = _generator_reference(probs, x_t, rate_scale, barrier)
@@ -381,10 +422,10 @@ def _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator,
     return x_next
 
 
-def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """-1 where a row has NaN / +inf or no finite entry (what the kernels report), else 0."""
-    ok = ~(logits.isnan() | (logits == math.inf)).any(-1) & (logits > -math.inf).any(-1)
-    return torch.where(ok, 0, INVALID_TOKEN)
+def _finite_rows(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """-1 where logits / temperature has NaN / +inf or no finite entry in a row (what the
+    kernels report), else 0."""
+    return torch.where(_invalid_scaled(logits, temperature), INVALID_TOKEN, 0)
 
 
 def sample_categorical_ref(
@@ -409,7 +450,7 @@ def _categorical_reference(logits, ex_tensor, ex_token, barrier, temperature, ge
     """sample_categorical_ref on checked arguments."""
     B, L, V = logits.shape
     if validate:
-        _raise_invalid_rows(_finite_rows(logits), logits, "logits", "")
+        _raise_invalid_rows(_finite_rows(logits, temperature), logits, "logits", "", temperature)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     reachable = _reachable(probs, barrier)
     weights = probs if reachable is None else torch.where(reachable, probs, 0.0)
@@ -420,7 +461,7 @@ def _categorical_reference(logits, ex_tensor, ex_token, barrier, temperature, ge
         weights[..., ex_token] = 0.0
     if validate:
         empty = torch.where(weights.sum(-1) > 0, 0, INVALID_TOKEN)
-        _raise_invalid_rows(empty, logits, "logits", _NOTHING_LEFT)
+        _raise_invalid_rows(empty, logits, "logits", _NOTHING_LEFT, temperature)
     return _multinomial_rows(weights.reshape(B * L, V), generator).reshape(B, L)
 
 

@@ -49,6 +49,10 @@ def non_negative(value) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
+def seed(value) -> str | None:
+    return None if 0 <= value < 2**64 else "must be in [0, 2**64)"
+
+
 def int_list(text) -> tuple[int, ...]:
     """A comma-separated list of positive integers ("1,2,4"), for ``kind=int_list``."""
     try:

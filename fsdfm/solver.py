@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from fsdfm import head, ops, path
-from fsdfm._args import model_device, positive_int
+from fsdfm._args import model_device, positive_int, resolve_device
 from fsdfm.path import PolynomialSchedule, check_source, sample_source
 
 SOLVERS = ("cumulative", "euler", "dfm")
@@ -82,15 +82,31 @@ def _logits_of(model, x, t, h, setup: _Setup | None, step: int) -> torch.Tensor:
 def _resolve_setup(model, batch_size, seq_len, source, vocab_size, device) -> _Setup:
     config = getattr(model, "config", None)
     if config is not None:
+        trained = getattr(config, "source", "uniform")
+        # The model's own source and vocabulary are facts about its training, not choices: a
+        # uniform model's last id is a real token, a mask model's is the mask.
+        if source is not None and check_source(source) != trained:
+            raise ValueError(
+                f"source={source!r} but this model was trained with the {trained!r} source "
+                "(leave source=None)"
+            )
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            raise ValueError(
+                f"vocab_size={vocab_size!r} but this model has {config.vocab_size} outputs "
+                "(leave vocab_size=None)"
+            )
         seq_len = config.seq_len if seq_len is None else seq_len
-        vocab_size = config.vocab_size if vocab_size is None else vocab_size
-        source = getattr(config, "source", "uniform") if source is None else source
+        vocab_size, source = config.vocab_size, trained
     if seq_len is None:
         raise ValueError("seq_len is required for a model without a config")
     positive_int(batch_size, "batch_size")
     positive_int(seq_len, "seq_len")
+    if config is not None and seq_len > config.seq_len:
+        raise ValueError(f"seq_len = {seq_len} exceeds the model's seq_len = {config.seq_len}")
+    if vocab_size is not None:
+        positive_int(vocab_size, "vocab_size")
     source = check_source("uniform" if source is None else source)
-    device = torch.device(device) if device is not None else model_device(model)
+    device = resolve_device(device) if device is not None else model_device(model)
     return _Setup(batch_size, seq_len, vocab_size, source, device or torch.device("cpu"))
 
 
@@ -194,10 +210,9 @@ def sample(
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     ops.check_scalars(barrier, temperature)
-    schedule = schedule or PolynomialSchedule()
+    schedule = _check_schedule(schedule)
     setup = _resolve_setup(model, batch_size, seq_len, source, vocab_size, device)
-    if generator is not None and generator.device.type != setup.device.type:
-        raise ValueError(f"generator is for {generator.device} but sampling runs on {setup.device}")
+    ops.check_generator(generator, setup.device, "sampling runs")
     draw = ops.Kernels(backend, setup.device)
     fused = _fused_head(fused_head, model, draw)
     if cuda_graph and (setup.device.type != "cuda" or not draw.native):
@@ -218,9 +233,20 @@ def sample(
         )  # fmt: skip
 
 
+def _check_schedule(schedule):
+    if schedule is None:
+        return PolynomialSchedule()
+    needed = ("kappa", "cumulative_scalar", "euler_scalar", "dfm_rate")
+    if not all(callable(getattr(schedule, name, None)) for name in needed):
+        raise TypeError(
+            f"schedule must be a PolynomialSchedule (or have {', '.join(needed)}), got {schedule!r}"
+        )
+    return schedule
+
+
 def _fused_head(fused_head, model, draw: ops.Kernels) -> bool:
     """Whether the loop draws from the model's hidden states (see ``sample``)."""
-    if fused_head not in ("auto", True, False):
+    if not (fused_head == "auto" or isinstance(fused_head, bool)):
         raise ValueError(f"fused_head must be 'auto', True or False, got {fused_head!r}")
     capable = callable(getattr(model, "head_inputs", None))
     if fused_head is True and not capable:
@@ -375,9 +401,16 @@ class _Loop:
         """The one host synchronisation of the loop, after it."""
         first_bad = int(self.first_bad)
         if first_bad >= 0:
+            # A temperature this small overflows float32 for logits of ordinary size.
+            tiny = (
+                f" (or temperature = {self.temperature:g} is so small that logits / temperature "
+                "overflows float32)"
+                if self.temperature < 1e-30
+                else ""
+            )
             raise ops.InvalidRowsError(
                 f"model output at step {first_bad} had a row with NaN or +inf logits, all -inf, "
-                "or no token within the barrier: no distribution to sample from"
+                f"or no token within the barrier{tiny}: no distribution to sample from"
             )
 
 

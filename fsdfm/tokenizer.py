@@ -79,7 +79,12 @@ class BPETokenizer:
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         self.name = str(path)
-        self.tokenizer = Tokenizer.from_file(str(file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(file))
+        except Exception as error:  # tokenizers raises a bare Exception for unreadable files
+            if isinstance(error, OSError):
+                raise
+            raise ValueError(f"{file} is not a Hugging Face tokenizer.json: {error}") from None
         eos_id = self.tokenizer.token_to_id(BPE_EOS)
         if eos_id is None:
             raise ValueError(f"{file} has no {BPE_EOS} token")

@@ -346,7 +346,9 @@ def test_bf16_round_trip(tmp_path):
     model.to(torch.bfloat16)
     save(model, tmp_path / "bf16")
     back = load(tmp_path / "bf16")
-    assert back.vocab_embed.weight.dtype == torch.bfloat16
+    assert back.vocab_embed.weight.dtype == torch.bfloat16 == back.dtype
+    assert back.device == torch.device("cpu")
+    assert load(tmp_path / "bf16", dtype=torch.float32).dtype == torch.float32
     assert back.rotary_emb.inv_freq.dtype == torch.float32
     assert_same_weights(back, model.state_dict())
     assert back.tokenizer_name is None

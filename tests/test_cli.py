@@ -83,6 +83,16 @@ def test_main_job_is_the_bundled_model(capsys, monkeypatch):
     assert main([]) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "256 tokens in 8 steps" in out.err
+    # `fsdfm PROMPT [sample options]` is `fsdfm sample PROMPT ...`.
+    assert main(["Once upon a time", "--steps", "2", "--length", "24", "--seed", "3"]) == 0
+    bare = capsys.readouterr()
+    assert bare.out.startswith("Once upon a time") and "24 tokens in 2 steps" in bare.err
+    assert (
+        main(["sample", "Once upon a time", "--steps", "2", "--length", "24", "--seed", "3"]) == 0
+    )
+    assert capsys.readouterr().out == bare.out
+    assert main(["--stepz", "2"]) == 2
+    assert capsys.readouterr().err.startswith("fsdfm sample: error: unrecognized arguments")
     monkeypatch.setattr(fsdfm.checkpoint, "DEFAULT_MODEL", fsdfm.checkpoint.DEFAULT_MODEL / "x")
     assert main(["sample", "--steps", "2"]) == 2
     assert "bundled default model is not in this installation" in capsys.readouterr().err
