@@ -91,16 +91,26 @@ def logits_strategy(data, B, L, V, dtype, strided):
     return logits
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
-@given(data=st.data())
-def test_ops_fuzz(backend, data):
-    if backend == "native" and not NATIVE:
-        pytest.skip("native ops not built")
-    d = Draw(data, arguments=7)
+def draw_rows(data, vocab_sizes: list[int]):
+    """(B, L, V, dtype, logits) of a random batch of rows."""
     B, L = data.draw(st.integers(0, 3), label="B"), data.draw(st.integers(0, 4), label="L")
-    V = data.draw(st.sampled_from([1, 2, 3, 7, 33, 130]), label="V")
+    V = data.draw(st.sampled_from(vocab_sizes), label="V")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     logits = logits_strategy(data, B, L, V, dtype, data.draw(st.booleans(), label="strided"))
+    return B, L, V, dtype, logits
+
+
+BACKENDS = [
+    pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="native ops not built")),
+    "reference",
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_ops_fuzz(backend, data):
+    d = Draw(data, arguments=7)
+    B, L, V, dtype, logits = draw_rows(data, [1, 2, 3, 7, 33, 130])
     if B * L and d.arg("logits", st.just(False), [True]):
         logits[data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, L - 1)), 0] = data.draw(
             st.sampled_from([math.nan, math.inf])
@@ -151,16 +161,11 @@ def test_ops_fuzz(backend, data):
         assert not bool(moved.any())
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_categorical_fuzz(backend, data):
-    if backend == "native" and not NATIVE:
-        pytest.skip("native ops not built")
     d = Draw(data, arguments=2)
-    B, L = data.draw(st.integers(0, 3), label="B"), data.draw(st.integers(0, 4), label="L")
-    V = data.draw(st.sampled_from([2, 3, 7, 130]), label="V")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    logits = logits_strategy(data, B, L, V, dtype, data.draw(st.booleans(), label="strided"))
+    B, L, V, dtype, logits = draw_rows(data, [2, 3, 7, 130])
     exclude = d.arg(
         "exclude",
         st.one_of(st.none(), st.integers(0, V - 1)),
