@@ -8,9 +8,10 @@
     fsdfm eval --model NAME=PATH [--model ...] [--steps 1,2,4,8] [--scorer gpt2-large] ...
 
 Without a subcommand it runs ``fsdfm sample`` (``--watch`` on a terminal): the bundled model
-writes a text in 8 steps; ``fsdfm "Once upon a time" --steps 4`` continues a prompt the same way. Every subcommand's options are a table of :class:`fsdfm.options.Option`
-(flags, ``--help`` and errors come from it; the training commands' table is
-:data:`fsdfm.train_config.OPTIONS`, which also gives their YAML keys).
+writes a text in 8 steps; ``fsdfm "Once upon a time" --steps 4`` continues a prompt the same
+way. Every subcommand's options are a table of :class:`fsdfm.options.Option` (flags, ``--help``
+and errors come from it; the training commands' table is :data:`fsdfm.train_config.OPTIONS`,
+which also gives their YAML keys).
 
 User mistakes (a missing file, a bad flag value) end with one line on stderr and exit status 2;
 Ctrl-C ends with one line and status 130; anything else is a bug and keeps its traceback.
