@@ -76,6 +76,18 @@ def seeded_generator(seed, device: torch.device | str, name: str = "seed") -> to
     return torch.Generator(device).manual_seed(seed)
 
 
+def check_vocabulary(what: str, size: int | None, config, model: str = "the model") -> None:
+    """``what`` (a tokenizer, a scorer) reads and writes the model's token ids as its own, which
+    needs at least the same number of real tokens (the mask aside). Unknown sizes pass."""
+    if size is None or config is None:
+        return
+    if size != config.real_vocab_size:
+        raise ValueError(
+            f"{what} has {size} tokens but {model} has {config.real_vocab_size} (not counting a "
+            "mask): they must share a tokenizer"
+        )
+
+
 def resolve_device(device: torch.device | str | None, name: str = "device") -> torch.device:
     """``device`` as a torch.device, CUDA when available if None; a CUDA device that this
     machine lacks is a ValueError naming ``name``."""

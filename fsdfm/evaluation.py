@@ -17,9 +17,14 @@ from pathlib import Path
 
 import torch
 
-from fsdfm._args import model_device, positive_int, resolve_device, seeded_generator
+from fsdfm._args import (
+    check_vocabulary,
+    model_device,
+    positive_int,
+    resolve_device,
+    seeded_generator,
+)
 from fsdfm.metrics import generative_perplexity, load_scorer, unigram_entropy
-from fsdfm.path import real_vocab_size
 from fsdfm.solver import SOLVERS
 from fsdfm.solver import sample as fsdfm_sample
 
@@ -264,17 +269,9 @@ def gen_ppl_metric(scorer, *, batch_size: int = 16, device=None) -> Callable:
 
 def _check_scorer_vocabularies(models: Mapping, metric_fns: Mapping) -> None:
     """A scorer reads the samples' token ids as its own: the perplexity means something only
-    if it has the model's tokenizer, which at least needs the same number of real tokens."""
+    if it has the model's tokenizer."""
     for metric_name, fn in metric_fns.items():
-        theirs = getattr(fn, "vocab_size", None)
+        scorer = f"{metric_name}: the scorer {getattr(fn, 'scorer_name', '')}"
         for model_name, model in models.items():
-            config = getattr(model, "config", None)
-            if theirs is None or config is None:
-                continue
-            ours = real_vocab_size(config.source, config.vocab_size)
-            if ours != theirs:
-                raise ValueError(
-                    f"{metric_name}: the scorer {getattr(fn, 'scorer_name', '')} has a "
-                    f"vocabulary of {theirs} tokens but model {model_name!r} has {ours}: "
-                    "the scorer must share the model's tokenizer"
-                )
+            size = getattr(fn, "vocab_size", None)
+            check_vocabulary(scorer, size, getattr(model, "config", None), f"model {model_name!r}")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fsdfm import path
-from fsdfm._args import model_device, positive_int, seeded_generator
+from fsdfm._args import check_vocabulary, model_device, positive_int, seeded_generator
 from fsdfm.solver import sample
 
 
@@ -38,7 +37,7 @@ def generate(
         raise TypeError("prompt must be a string, a non-empty list of strings, or None")
     positive_int(num_return_sequences, "num_return_sequences")
     config = getattr(model, "config", None)
-    _check_vocabularies(tokenizer, config)
+    _check_tokenizer(tokenizer, config)
     length = max_length if max_length is not None else getattr(config, "seq_len", None)
     if length is None:
         raise ValueError("max_length is required for a model without a config")
@@ -71,19 +70,11 @@ def generate(
     return texts
 
 
-def _check_vocabularies(tokenizer, config) -> None:
-    """A tokenizer and a model belong together only if they count the same real tokens: other
-    ids would be out of range for one of them, or decode to unrelated text."""
+def _check_tokenizer(tokenizer, config) -> None:
+    """The tokenizer's interface, and its vocabulary against the model's: other ids would be out
+    of range for one of them, or decode to unrelated text."""
     for needed in ("encode", "decode", "eos_id"):
         if not hasattr(tokenizer, needed):
             raise TypeError(f"tokenizer must have encode, decode and eos_id; it lacks {needed}")
-    theirs = getattr(tokenizer, "vocab_size", None)
-    if config is None or theirs is None:
-        return
-    ours = path.real_vocab_size(config.source, config.vocab_size)
-    if theirs != ours:
-        name = getattr(tokenizer, "name", type(tokenizer).__name__)
-        raise ValueError(
-            f"tokenizer {name} has {theirs} tokens but the model has {ours} "
-            "(not counting a mask): they do not belong together (use the model's own tokenizer)"
-        )
+    name = getattr(tokenizer, "name", type(tokenizer).__name__)
+    check_vocabulary(f"tokenizer {name}", getattr(tokenizer, "vocab_size", None), config)

@@ -197,13 +197,23 @@ def test_categorical_fuzz(backend, data):
 MODELS = {}
 
 
-def tiny(source: str) -> fsdfm.FSDFMTransformer:
-    if source not in MODELS:
+def tiny(source: str = "uniform", vocab_size: int = 11) -> fsdfm.FSDFMTransformer:
+    """A small random student, made once per (source, vocabulary)."""
+    key = (source, vocab_size)
+    if key not in MODELS:
         torch.manual_seed(0)
-        config = fsdfm.ModelConfig(vocab_size=11, dim=16, n_blocks=1, n_heads=1, cond_dim=8,
-                                   seq_len=8, step_conditioned=True, source=source)  # fmt: skip
-        MODELS[source] = fsdfm.FSDFMTransformer(config).eval()
-    return MODELS[source]
+        config = fsdfm.ModelConfig(
+            vocab_size=vocab_size,
+            dim=16,
+            n_blocks=1,
+            n_heads=1,
+            cond_dim=8,
+            seq_len=8,
+            step_conditioned=True,
+            source=source,
+        )
+        MODELS[key] = fsdfm.FSDFMTransformer(config).eval()
+    return MODELS[key]
 
 
 @given(data=st.data())
@@ -253,7 +263,7 @@ def test_sample_fuzz(data):
     stop=st.booleans(),
 )
 def test_generate_fuzz(prompt, max_length, n, seed, stop):
-    model, tokenizer = tiny_bytes(), fsdfm.get_tokenizer("byte")
+    model, tokenizer = tiny(vocab_size=256), fsdfm.get_tokenizer("byte")
     length = len(prompt.encode()) if prompt else 0
     kw = dict(max_length=max_length, num_return_sequences=n, seed=seed, stop_at_eos=stop, steps=2)
     if length >= max_length:
@@ -263,15 +273,6 @@ def test_generate_fuzz(prompt, max_length, n, seed, stop):
     texts = fsdfm.generate(model, tokenizer, prompt, **kw)
     assert len(texts) == n and all(t.startswith(prompt or "") for t in texts)
     assert texts == fsdfm.generate(model, tokenizer, prompt, **kw)  # same seed, same texts
-
-
-def tiny_bytes() -> fsdfm.FSDFMTransformer:
-    if "bytes" not in MODELS:
-        torch.manual_seed(0)
-        config = fsdfm.ModelConfig(vocab_size=256, dim=16, n_blocks=1, n_heads=1, cond_dim=8,
-                                   seq_len=8, step_conditioned=True, dropout=0.0)  # fmt: skip
-        MODELS["bytes"] = fsdfm.FSDFMTransformer(config).eval()
-    return MODELS["bytes"]
 
 
 # -- load / save ---------------------------------------------------------------------------------
