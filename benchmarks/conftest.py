@@ -50,9 +50,15 @@ def pytest_terminal_summary(terminalreporter):
         if key in copy or "native" not in row:
             continue
         ratio = f"{row['ref'] / row['native']:7.1f}x" if "ref" in row else "      -"
+        # Peers measured in the same case (e.g. the transformers-style filter chain).
+        peers = "".join(
+            f"  {impl}/native {row[impl] / row['native']:6.1f}x"
+            for impl in sorted(row)
+            if impl not in ("native", "ref") and not impl.endswith("_gbps")
+        )
         tr.write_line(
             f"{key:<48} native {row['native'] * 1e3:9.3f} ms  {row['native_gbps']:7.1f} GB/s"
-            f"  ref/native {ratio}"
+            f"  ref/native {ratio}{peers}"
         )
 
 

@@ -10,16 +10,17 @@ TORCH_LIBRARY(fsdfm, m) {
   // rates[b, l, x] = max(rate_scale[b] * (probs[b, l, x] - [x == x_t[b, l]]), 0) for reachable
   // x != x_t[b, l]; 0 elsewhere. [B, L, V] in the dtype of probs.
   m.def("probs_to_generator(Tensor probs, Tensor x_t, Tensor rate_scale, float barrier) -> Tensor");
-  // One FS-DFM / Euler jump per position: x_next [B, L] int64.
+  // One FS-DFM / Euler jump per position: x_next [B, L] int64. temperature 0 is the argmax;
+  // top_k (0: off) and top_p (1: off) restrict the destinations as the barrier does.
   m.def(
       "jump_step(Tensor logits, Tensor x_t, Tensor rate_scale, Tensor h, float barrier, "
-      "float temperature, Generator? generator) -> Tensor",
+      "float temperature, int top_k, float top_p, Generator? generator) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   // One categorical draw per position from softmax(logits / temperature), restricted by the
-  // barrier and the exclusion: tokens [B, L] int64.
+  // barrier, top-k / top-p and the exclusion: tokens [B, L] int64.
   m.def(
       "sample_categorical(Tensor logits, Tensor? exclude, int exclude_token, float barrier, "
-      "float temperature, Generator? generator) -> Tensor",
+      "float temperature, int top_k, float top_p, Generator? generator) -> Tensor",
       {at::Tag::nondeterministic_seeded});
   // The fused head: jump_step and sample_categorical on logits = hidden @ weight^T + bias
   // (hidden [B, L, d], weight [V, d], bias [V]) made a vocabulary tile at a time, never whole.

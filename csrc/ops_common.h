@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "fsdfm/row_math.h"
+
 namespace fsdfm {
 
 // How to find row (b, l) of a [B, L, V] tensor whose last dimension is contiguous.
@@ -73,6 +75,18 @@ inline void check_temperature(double temperature) {
                     "temperature must be a positive finite number, got ", temperature);
 }
 
+// The draws' sampling controls (fsdfm/row_math.h): temperature 0 is the argmax, top_k = 0 and
+// top_p = 1 are off.
+inline Controls controls_of(double temperature, int64_t top_k, double top_p) {
+  TORCH_CHECK_VALUE(temperature == 0.0 || (temperature > 0.0 && std::isfinite(temperature)),
+                    "temperature must be 0 (argmax) or a positive finite number, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0 (0 disables it), got ", top_k);
+  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must lie in (0, 1] (1 disables it), got ",
+                    top_p);
+  return Controls{top_k, top_p};
+}
+
 // The optional per-position exclusion: exclude [B, L] int64, or one token id for every
 // position (exclude_token >= 0), or nothing (exclude_token = -1 and no tensor).
 inline std::optional<at::Tensor> exclusion_of(const std::optional<at::Tensor>& exclude,
@@ -120,12 +134,16 @@ struct DrawArgs {
   int64_t exclude_token = -1;            // kSample without `exclude`: one id for all, -1 none
   std::optional<at::Tensor> rate_scale;  // kJump: [B] float32
   std::optional<at::Tensor> h;           // kJump: [B] float32
+  Controls controls;                     // top-k / top-p
+  bool greedy = false;                   // temperature 0: the argmax
 };
 
 inline DrawArgs jump_args(const at::Tensor& logits_in, const at::Tensor& x_t,
                           const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
-                          double temperature) {
+                          double temperature, int64_t top_k, double top_p) {
   DrawArgs a;
+  a.controls = controls_of(temperature, top_k, top_p);
+  a.greedy = temperature == 0.0;
   a.mode = DrawMode::kJump;
   a.logits = rows_of(logits_in, "logits");
   a.rows = layout_of(a.logits);
@@ -133,20 +151,21 @@ inline DrawArgs jump_args(const at::Tensor& logits_in, const at::Tensor& x_t,
   a.rate_scale = per_sequence_of(rate_scale, a.rows.B, a.logits, "rate_scale");
   a.h = per_sequence_of(h, a.rows.B, a.logits, "h");
   check_barrier(barrier);
-  check_temperature(temperature);
   return a;
 }
 
 inline DrawArgs sample_args(const at::Tensor& logits_in, const std::optional<at::Tensor>& exclude,
-                            int64_t exclude_token, double barrier, double temperature) {
+                            int64_t exclude_token, double barrier, double temperature,
+                            int64_t top_k, double top_p) {
   DrawArgs a;
+  a.controls = controls_of(temperature, top_k, top_p);
+  a.greedy = temperature == 0.0;
   a.mode = DrawMode::kSample;
   a.logits = rows_of(logits_in, "logits");
   a.rows = layout_of(a.logits);
   a.exclude = exclusion_of(exclude, exclude_token, a.rows, a.logits);
   a.exclude_token = exclude_token;
   check_barrier(barrier);
-  check_temperature(temperature);
   return a;
 }
 

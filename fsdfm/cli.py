@@ -36,9 +36,11 @@ from fsdfm.options import (
     Option,
     Parser,
     add_options,
+    fraction,
     int_list,
     non_negative,
     positive,
+    probability,
     seed,
     values,
 )
@@ -108,6 +110,9 @@ def _sample(o: dict) -> None:
         num_return_sequences=o["n"],
         seed=o["seed"],
         temperature=o["temperature"],
+        top_k=o["top_k"],
+        top_p=o["top_p"],
+        min_p=o["min_p"],
         barrier=o["barrier"],
         solver=o["solver"],
         progress=o["progress"] and not o["watch"],
@@ -179,8 +184,25 @@ SAMPLE = Command(
         Option("n", int, "number of samples (default 1)", default=1, short="-n", check=positive),
         SEED,
         Option(
-            "temperature", float, "softmax temperature (default 1)", default=1.0, check=positive
-        ),  # fmt: skip
+            "temperature",
+            float,
+            "softmax temperature (default 1); 0 takes the most likely token (greedy)",
+            default=1.0,
+            check=non_negative,
+        ),
+        Option("top_k", int, "keep the k most likely tokens (default: all)", check=non_negative),
+        Option(
+            "top_p",
+            float,
+            "keep the most likely tokens up to this probability mass (default 1: all)",
+            check=probability,
+        ),
+        Option(
+            "min_p",
+            float,
+            "keep tokens with p >= min_p * max p (default 0: all)",
+            check=fraction,
+        ),
         Option(
             "barrier",
             float,

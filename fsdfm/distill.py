@@ -12,8 +12,6 @@ ones at every level of the grid.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -120,7 +118,7 @@ def shortcut_teacher(
 
     def step(logits: Tensor, x: Tensor, s: Tensor) -> Tensor:
         rate = schedule.cumulative_scalar(s, half).float()
-        return draw.jump(logits, x, rate, half32, math.inf, 1.0, generator)
+        return draw.jump(logits, x, rate, half32, ops.Controls(), generator)
 
     mid = t + half
     l1 = evaluate(x_t, t)

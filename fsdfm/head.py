@@ -183,9 +183,8 @@ def head_jump_step_ref(
         hidden, weight, bias, x_t, rate_scale, h, barrier, temperature, generator, validate
     )
     logits = F.linear(hidden, weight, bias)
-    return ops._jump_reference(
-        logits, x_t, rate_scale, h, barrier, temperature, generator, validate
-    )
+    controls = ops.Controls(float(temperature), float(barrier))
+    return ops._jump_reference(logits, x_t, rate_scale, h, controls, generator, validate)
 
 
 def head_sample_categorical_ref(
@@ -196,33 +195,31 @@ def head_sample_categorical_ref(
     _, _, V = _prepare(hidden, weight, bias, barrier, temperature, generator)
     token = _exclude_token(exclude, V)
     logits = F.linear(hidden, weight, bias)
-    return ops._categorical_reference(
-        logits, None, token, barrier, temperature, generator, validate
-    )
+    controls = ops.Controls(float(temperature), float(barrier))
+    return ops._categorical_reference(logits, None, token, controls, generator, validate)
 
 
 # ---------------------------------------------------------------------------------------------
 # The draws of one sampling loop (fsdfm.sample), on checked arguments.
 
 
-def jump(draw: ops.Kernels, hidden, weight, bias, x_t, rate_scale, h, barrier, temperature,
+def jump(draw: ops.Kernels, hidden, weight, bias, x_t, rate_scale, h, controls: ops.Controls,
          generator) -> torch.Tensor:  # fmt: skip
-    """:func:`head_jump_step` with the backend of ``draw`` and no argument checks."""
+    """:func:`head_jump_step` with the backend of ``draw`` and no argument checks. ``controls``
+    must be ones the fused head does (no top-k / top-p, temperature > 0)."""
     if draw.native:
         return torch.ops.fsdfm.head_jump_step(
-            hidden, weight, bias, x_t, rate_scale, h, float(barrier), float(temperature),
+            hidden, weight, bias, x_t, rate_scale, h, controls.barrier, controls.temperature,
             generator,
         )  # fmt: skip
-    return draw.jump(F.linear(hidden, weight, bias), x_t, rate_scale, h, barrier, temperature,
-                     generator)  # fmt: skip
+    return draw.jump(F.linear(hidden, weight, bias), x_t, rate_scale, h, controls, generator)
 
 
-def categorical(draw: ops.Kernels, hidden, weight, bias, exclude_token, barrier, temperature,
+def categorical(draw: ops.Kernels, hidden, weight, bias, exclude_token, controls: ops.Controls,
                 generator) -> torch.Tensor:  # fmt: skip
     """:func:`head_sample_categorical` with the backend of ``draw`` and no argument checks."""
     if draw.native:
         return torch.ops.fsdfm.head_sample_categorical(
-            hidden, weight, bias, exclude_token, float(barrier), float(temperature), generator
+            hidden, weight, bias, exclude_token, controls.barrier, controls.temperature, generator
         )
-    return draw.categorical(F.linear(hidden, weight, bias), exclude_token, barrier, temperature,
-                            generator)  # fmt: skip
+    return draw.categorical(F.linear(hidden, weight, bias), exclude_token, controls, generator)

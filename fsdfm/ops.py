@@ -14,6 +14,17 @@ p(x) >= max_y p(y) * exp(-barrier):
 - ``sample_categorical``: one draw per position from p restricted to the reachable tokens and
   without the excluded one (the last-step collapse).
 
+Sampling controls (:class:`Controls`, the names of Hugging Face ``generate``) restrict the
+destinations the same way the barrier does (rates to a removed token are zero, so lambda shrinks;
+the collapse draws from p restricted and renormalised, which is transformers' filtered law):
+``top_k`` keeps the tokens at least as probable as the k-th most probable, ``top_p`` the smallest
+set of most probable tokens whose mass reaches top_p (within what top-k kept), ties at either
+edge kept; ``min_p`` keeps p(x) >= min_p * max p, which is the barrier -ln(min_p) under another
+name. The kernels find the top-k / top-p floor without sorting (csrc/fsdfm/row_math.h).
+``temperature=0`` is the T -> 0 limit: p puts all its mass on the row's argmax (lowest id among
+ties), so a jump goes to the argmax at rate max(rate_scale, 0) unless it is already there, and
+the collapse takes the argmax.
+
 Each op ``<op>`` is registered as ``torch.ops.fsdfm.<op>`` (CPU and, when built with CUDA, CUDA
 kernels; fake kernels below for torch.compile) and has ``<op>_ref``, the same function written
 plainly in PyTorch the way the released FS-DFM code does it (softmax, one-hot, rates and
@@ -32,6 +43,7 @@ nothing left to draw) gets the token -1, which ``validate=True`` turns into an e
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -46,6 +58,7 @@ except ImportError as error:  # the extension is not built
 
 __all__ = [
     "BACKENDS",
+    "Controls",
     "InvalidRowsError",
     "Kernels",
     "check_scalars",
@@ -57,6 +70,7 @@ __all__ = [
     "probs_to_generator_ref",
     "sample_categorical",
     "sample_categorical_ref",
+    "sampling_controls",
 ]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -137,16 +151,76 @@ def check_token_range(x: torch.Tensor, V: int, name: str) -> None:
 _SMALLEST_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
-def check_scalars(barrier: float, temperature: float) -> None:
-    if not isinstance(barrier, (int, float)) or math.isnan(barrier) or barrier < 0:
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_scalars(barrier: float, temperature: float, *, greedy_ok: bool = False) -> None:
+    """barrier >= 0; temperature positive (or 0, the argmax, where ``greedy_ok``) and at least
+    1 / FLT_MAX, below which 1 / temperature overflows float32."""
+    if not _is_number(barrier) or math.isnan(barrier) or barrier < 0:
         raise ValueError(f"barrier must be >= 0 (math.inf disables it), got {barrier!r}")
-    if not isinstance(temperature, (int, float)) or not (0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if greedy_ok and _is_number(temperature) and temperature == 0:
+        return
+    if not _is_number(temperature) or not (0 < temperature < math.inf):
+        what = "0 (argmax) or a positive finite number" if greedy_ok else "a positive finite number"
+        raise ValueError(f"temperature must be {what}, got {temperature!r}")
     if temperature < _SMALLEST_TEMPERATURE:
         raise ValueError(
             f"temperature must be at least {_SMALLEST_TEMPERATURE:.3g} (the kernels scale by "
             f"1 / temperature in float32, which overflows below that), got {temperature!r}"
+            + (" or 0 for the argmax" if greedy_ok else "")
         )
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The checked sampling controls of the draws (see the module docstring); make one with
+    :func:`sampling_controls`. ``barrier`` already holds min_p (the smaller of the two)."""
+
+    temperature: float = 1.0  # 0: the argmax
+    barrier: float = math.inf
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p is on (each needs the whole row before its floor is known)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    def op_args(self) -> tuple[float, float, int, float]:
+        """(barrier, temperature, top_k, top_p) as the registered ops take them."""
+        return float(self.barrier), float(self.temperature), int(self.top_k), float(self.top_p)
+
+
+def sampling_controls(
+    temperature: float = 1.0,
+    barrier: float = math.inf,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+) -> Controls:
+    """Check the controls and fold ``min_p`` into the barrier: p >= min_p * max p is
+    E(x) - min E <= -ln(min_p). None, top_k = 0, top_p = 1 and min_p = 0 each mean off."""
+    check_scalars(barrier, temperature, greedy_ok=True)
+    if top_k is None:
+        top_k = 0
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 disables it), got {top_k!r}")
+    if top_p is None:
+        top_p = 1.0
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or lie in (0, 1] (1 disables it), got {top_p!r}")
+    if min_p is not None:
+        if not _is_number(min_p) or not 0 <= min_p <= 1:
+            raise ValueError(f"min_p must be None or lie in [0, 1] (0 disables it), got {min_p!r}")
+        if min_p > 0:
+            barrier = min(barrier, -math.log(min_p))
+    return Controls(float(temperature), float(barrier), top_k, float(top_p))
 
 
 def check_generator(
@@ -215,16 +289,16 @@ def _raise_invalid_rows(
 
 
 def _invalid_scaled(rows: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Whether each row of logits / temperature (as the kernels scale them, in float32) holds
-    NaN or +inf or nothing finite: a tiny temperature overflows finite logits."""
-    scaled = rows.float() * (1.0 / temperature)
+    """Whether each row of logits / temperature (as the kernels scale them, in float32; the
+    logits themselves at temperature 0) holds NaN or +inf or nothing finite: a tiny temperature
+    overflows finite logits."""
+    scaled = rows.float() * (1.0 / temperature) if temperature else rows.float()
     return (scaled.isnan() | (scaled == math.inf)).any(-1) | ~(scaled > -math.inf).any(-1)
 
 
-def _prepare_jump(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
+def _prepare_jump(logits, x_t, rate_scale, h, generator, validate):
     B, L, V = _check_rows(logits, "logits")
     _check_tokens(x_t, B, L, logits.device, "x_t")
-    check_scalars(barrier, temperature)
     check_generator(generator, logits.device)
     if validate:
         check_token_range(x_t, V, "x_t")
@@ -244,10 +318,9 @@ def _prepare_generator(probs, x_t, rate_scale, barrier, validate):
     return rate_scale_of(rate_scale, B, probs.device, validate)
 
 
-def _prepare_sample(logits, exclude, barrier, temperature, generator, validate):
+def _prepare_sample(logits, exclude, generator, validate):
     """(exclusion tensor, exclusion token) after the checks of sample_categorical(_ref)."""
     B, L, V = _check_rows(logits, "logits")
-    check_scalars(barrier, temperature)
     check_generator(generator, logits.device)
     ex_tensor, ex_token = _exclusion(exclude, B, L, V, logits.device)
     if validate and ex_tensor is not None:
@@ -286,21 +359,22 @@ def jump_step(
     *,
     barrier: float = math.inf,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """x_next [B, L]: stay at x_t with probability exp(-h * lambda), else jump to x ~ p on the
-    reachable x != x_t, where p = softmax(logits / temperature) and
-    lambda = max(rate_scale, 0) * sum_{reachable x != x_t} p(x). Fused: one pass over the logits."""
-    rate_scale, h = _prepare_jump(
-        logits, x_t, rate_scale, h, barrier, temperature, generator, validate
-    )
+    allowed x != x_t, where p = softmax(logits / temperature), the allowed tokens are those the
+    barrier and the controls keep, and lambda = max(rate_scale, 0) * sum_{allowed x != x_t} p(x).
+    Fused: one pass over the logits (a few more with top_k / top_p, none of them a sort)."""
+    controls = sampling_controls(temperature, barrier, top_k, top_p, min_p)
+    rate_scale, h = _prepare_jump(logits, x_t, rate_scale, h, generator, validate)
     _require_native(logits.device)
-    out = torch.ops.fsdfm.jump_step(
-        logits, x_t, rate_scale, h, float(barrier), float(temperature), generator
-    )
+    out = torch.ops.fsdfm.jump_step(logits, x_t, rate_scale, h, *controls.op_args(), generator)
     if validate:
-        _raise_invalid_rows(out, logits, "logits", "", temperature)
+        _raise_invalid_rows(out, logits, "logits", "", controls.temperature)
     return out
 
 
@@ -310,20 +384,23 @@ def sample_categorical(
     exclude: int | torch.Tensor | None = None,
     barrier: float = math.inf,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """tokens [B, L] drawn from p = softmax(logits / temperature) restricted to the reachable
-    tokens other than ``exclude`` (None, one token id for all positions, or int64 [B, L])."""
-    ex_tensor, ex_token = _prepare_sample(
-        logits, exclude, barrier, temperature, generator, validate
-    )
+    """tokens [B, L] drawn from p = softmax(logits / temperature) restricted to the tokens the
+    barrier and the controls keep, other than ``exclude`` (None, one token id for all positions,
+    or int64 [B, L]; left out before top-k / top-p count); temperature 0 takes the argmax."""
+    controls = sampling_controls(temperature, barrier, top_k, top_p, min_p)
+    ex_tensor, ex_token = _prepare_sample(logits, exclude, generator, validate)
     _require_native(logits.device)
     out = torch.ops.fsdfm.sample_categorical(
-        logits, ex_tensor, ex_token, float(barrier), float(temperature), generator
+        logits, ex_tensor, ex_token, *controls.op_args(), generator
     )
     if validate:
-        _raise_invalid_rows(out, logits, "logits", _NOTHING_LEFT, temperature)
+        _raise_invalid_rows(out, logits, "logits", _NOTHING_LEFT, controls.temperature)
     return out
 
 
@@ -334,11 +411,13 @@ if _IMPORT_ERROR is None:
         return probs.new_empty(probs.shape)
 
     @torch.library.register_fake("fsdfm::jump_step")
-    def _jump_step_fake(logits, x_t, rate_scale, h, barrier, temperature, generator):
+    def _jump_step_fake(logits, x_t, rate_scale, h, barrier, temperature, top_k, top_p,
+                        generator):  # fmt: skip
         return logits.new_empty(logits.shape[:2], dtype=torch.int64)
 
     @torch.library.register_fake("fsdfm::sample_categorical")
-    def _sample_categorical_fake(logits, exclude, exclude_token, barrier, temperature, generator):
+    def _sample_categorical_fake(logits, exclude, exclude_token, barrier, temperature, top_k,
+                                 top_p, generator):  # fmt: skip
         return logits.new_empty(logits.shape[:2], dtype=torch.int64)
 
 
@@ -366,18 +445,54 @@ def probs_to_generator_ref(
     return _generator_reference(probs, x_t, rate_scale, barrier).to(probs.dtype)
 
 
-def _generator_reference(probs, x_t, rate_scale, barrier) -> torch.Tensor:
-    """probs_to_generator_ref on checked arguments, in float32."""
+def _generator_reference(probs, x_t, rate_scale, barrier, kept=None) -> torch.Tensor:
+    """probs_to_generator_ref on checked arguments, in float32; ``kept`` (a mask) removes the
+    destinations that top-k / top-p drop."""
     V = probs.shape[2]
     p = probs.float()
     one_hot = torch.nn.functional.one_hot(x_t, V).float()
     rates = rate_scale[:, None, None] * (p - one_hot)
-    reachable = _reachable(p, barrier)
-    if reachable is not None:
-        rates = torch.where(reachable, rates, torch.zeros_like(rates))
+    for allowed in (_reachable(p, barrier), kept):
+        if allowed is not None:
+            rates = torch.where(allowed, rates, torch.zeros_like(rates))
     rates = rates.clamp_min(0.0)
     rates.scatter_(-1, x_t[..., None], 0.0)
     return rates
+
+
+def _control_floor(scaled: torch.Tensor, controls: Controls, skip: torch.Tensor | None):
+    """The floor [B, L, 1] of top-k / top-p on the scaled logits, by sorting the rows (what the
+    kernels avoid), or None when both are off. ``skip`` (a mask) leaves the draw's exclusion out
+    of the count and the mass."""
+    if not controls.filters:
+        return None
+    V = scaled.shape[-1]
+    s = scaled if skip is None else scaled.masked_fill(skip, -math.inf)
+    n = V - (0 if skip is None else 1)
+    floor = torch.full_like(s[..., :1], -math.inf)
+    if 0 < controls.top_k < n:
+        floor = s.topk(controls.top_k, dim=-1).values[..., -1:]
+    if controls.top_p < 1:
+        kept = s >= floor
+        m = scaled.amax(-1, keepdim=True)
+        mass = torch.where(kept, torch.exp((s - m).double()), 0.0)
+        values, order = s.masked_fill(~kept, -math.inf).sort(-1, descending=True)
+        cumulative = mass.gather(-1, order).cumsum(-1)
+        target = controls.top_p * cumulative[..., -1:]
+        first = (cumulative < target).sum(-1, keepdim=True).clamp_max(V - 1)
+        floor = torch.where(target > 0, torch.maximum(floor, values.gather(-1, first)), floor)
+    return floor
+
+
+def _skip_mask(ex_tensor, ex_token, shape, device) -> torch.Tensor | None:
+    """The exclusion of sample_categorical as a mask [B, L, V], or None."""
+    if ex_tensor is not None:
+        return torch.nn.functional.one_hot(ex_tensor, shape[-1]).bool()
+    if ex_token >= 0:
+        skip = torch.zeros(shape, dtype=torch.bool, device=device)
+        skip[..., ex_token] = True
+        return skip
+    return None
 
 
 def _multinomial_rows(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -393,27 +508,39 @@ def jump_step_ref(
     *,
     barrier: float = math.inf,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Reference of :func:`jump_step`: softmax, generator tensor, total rate, Bernoulli jump,
-    float64 multinomial over the rates of the jumping positions."""
-    rate_scale, h = _prepare_jump(
-        logits, x_t, rate_scale, h, barrier, temperature, generator, validate
-    )
-    return _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator, validate)
+    """Reference of :func:`jump_step`: softmax, the controls' floor by sorting, generator
+    tensor, total rate, Bernoulli jump, float64 multinomial over the rates of the jumping
+    positions; at temperature 0 torch.argmax and a Bernoulli jump to it."""
+    controls = sampling_controls(temperature, barrier, top_k, top_p, min_p)
+    rate_scale, h = _prepare_jump(logits, x_t, rate_scale, h, generator, validate)
+    return _jump_reference(logits, x_t, rate_scale, h, controls, generator, validate)
 
 
-def _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator, validate):
+def _jump_reference(logits, x_t, rate_scale, h, controls: Controls, generator, validate):
     """jump_step_ref on checked arguments (rate_scale and h float32 [B])."""
+    T = controls.temperature
     if validate:
-        _raise_invalid_rows(_finite_rows(logits, temperature), logits, "logits", "", temperature)
+        _raise_invalid_rows(_finite_rows(logits, T), logits, "logits", "", T)
     B, L, V = logits.shape
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    rates = _generator_reference(probs, x_t, rate_scale, barrier)
+    u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=logits.device)
+    if controls.greedy:
+        argmax = logits.float().argmax(-1)  # the first maximal value: the lowest id
+        rate = (h * rate_scale.clamp_min(0.0)).double()[:, None]
+        p_jump = torch.where(argmax != x_t, -torch.expm1(-rate), 0.0)
+        return torch.where(u < p_jump, argmax, x_t)
+    scaled = logits.float() / T
+    probs = torch.softmax(scaled, dim=-1)
+    floor = _control_floor(scaled, controls, None)
+    kept = None if floor is None else scaled >= floor
+    rates = _generator_reference(probs, x_t, rate_scale, controls.barrier, kept)
     total_rate = rates.sum(dim=-1)
     p_jump = -torch.expm1(-h[:, None].double() * total_rate.double())
-    u = torch.rand((B, L), generator=generator, dtype=torch.float64, device=logits.device)
     jump = u < p_jump
     x_next = x_t.clone()
     rows = jump.nonzero(as_tuple=True)
@@ -434,34 +561,47 @@ def sample_categorical_ref(
     exclude: int | torch.Tensor | None = None,
     barrier: float = math.inf,
     temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Reference of :func:`sample_categorical`: softmax, masks, float64 multinomial."""
-    ex_tensor, ex_token = _prepare_sample(
-        logits, exclude, barrier, temperature, generator, validate
-    )
-    return _categorical_reference(
-        logits, ex_tensor, ex_token, barrier, temperature, generator, validate
-    )
+    """Reference of :func:`sample_categorical`: softmax, masks, float64 multinomial (argmax at
+    temperature 0)."""
+    controls = sampling_controls(temperature, barrier, top_k, top_p, min_p)
+    ex_tensor, ex_token = _prepare_sample(logits, exclude, generator, validate)
+    return _categorical_reference(logits, ex_tensor, ex_token, controls, generator, validate)
 
 
-def _categorical_reference(logits, ex_tensor, ex_token, barrier, temperature, generator, validate):
+def _categorical_reference(logits, ex_tensor, ex_token, controls: Controls, generator, validate):
     """sample_categorical_ref on checked arguments."""
     B, L, V = logits.shape
+    T = controls.temperature
     if validate:
-        _raise_invalid_rows(_finite_rows(logits, temperature), logits, "logits", "", temperature)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    reachable = _reachable(probs, barrier)
-    weights = probs if reachable is None else torch.where(reachable, probs, 0.0)
-    if ex_tensor is not None:
-        weights = weights.scatter(-1, ex_tensor[..., None], 0.0)
-    elif ex_token >= 0:
-        weights = weights.clone()
-        weights[..., ex_token] = 0.0
+        _raise_invalid_rows(_finite_rows(logits, T), logits, "logits", "", T)
+    skip = _skip_mask(ex_tensor, ex_token, logits.shape, logits.device)
+    if controls.greedy:
+        candidates = logits.float() if skip is None else logits.float().masked_fill(skip, -math.inf)
+        best, argmax = candidates.max(-1)
+        out = torch.where(best > -math.inf, argmax, INVALID_TOKEN)
+        if validate:
+            _raise_invalid_rows(out, logits, "logits", _NOTHING_LEFT, T)
+        return out
+    scaled = logits.float() / T
+    probs = torch.softmax(scaled, dim=-1)
+    weights = probs
+    floor = _control_floor(scaled, controls, skip)
+    for remove in (
+        None if controls.barrier == math.inf else ~_reachable(probs, controls.barrier),
+        None if floor is None else scaled < floor,
+        skip,
+    ):
+        if remove is not None:
+            weights = weights.masked_fill(remove, 0.0)
     if validate:
         empty = torch.where(weights.sum(-1) > 0, 0, INVALID_TOKEN)
-        _raise_invalid_rows(empty, logits, "logits", _NOTHING_LEFT, temperature)
+        _raise_invalid_rows(empty, logits, "logits", _NOTHING_LEFT, T)
     return _multinomial_rows(weights.reshape(B * L, V), generator).reshape(B, L)
 
 
@@ -490,20 +630,18 @@ class Kernels:
             )
         self.native = backend == "native" or (backend == "auto" and available)
 
-    def jump(self, logits, x_t, rate_scale, h, barrier, temperature, generator) -> torch.Tensor:
+    def jump(self, logits, x_t, rate_scale, h, controls: Controls, generator) -> torch.Tensor:
         """x_next [B, L]: :func:`jump_step`."""
         if self.native:
             return torch.ops.fsdfm.jump_step(
-                logits, x_t, rate_scale, h, float(barrier), float(temperature), generator
+                logits, x_t, rate_scale, h, *controls.op_args(), generator
             )
-        return _jump_reference(logits, x_t, rate_scale, h, barrier, temperature, generator, True)
+        return _jump_reference(logits, x_t, rate_scale, h, controls, generator, True)
 
-    def categorical(self, logits, exclude_token, barrier, temperature, generator) -> torch.Tensor:
+    def categorical(self, logits, exclude_token, controls: Controls, generator) -> torch.Tensor:
         """tokens [B, L]: :func:`sample_categorical` with one excluded id (-1: none)."""
         if self.native:
             return torch.ops.fsdfm.sample_categorical(
-                logits, None, exclude_token, float(barrier), float(temperature), generator
+                logits, None, exclude_token, *controls.op_args(), generator
             )
-        return _categorical_reference(
-            logits, None, exclude_token, barrier, temperature, generator, True
-        )
+        return _categorical_reference(logits, None, exclude_token, controls, generator, True)

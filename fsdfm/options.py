@@ -49,6 +49,16 @@ def non_negative(value) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
+def probability(value) -> str | None:
+    """A top-p: in (0, 1]."""
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def fraction(value) -> str | None:
+    """A min-p: in [0, 1]."""
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
 def seed(value) -> str | None:
     return None if 0 <= value < 2**64 else "must be in [0, 2**64)"
 

@@ -170,6 +170,9 @@ def sample(
     edit_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     barrier: float = math.inf,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
     return_trajectory: bool = False,
@@ -192,6 +195,10 @@ def sample(
     prompt: int64 [P] or [B, P], a frozen prefix. init / edit_mask: int64 / bool [B, L]; where
         edit_mask is False the init tokens stay, where True tokens are generated.
     temperature, barrier: of p = softmax(logits / temperature) and the energy barrier (SPEC 2.3).
+        temperature=0 is the T -> 0 limit: every draw takes the argmax (greedy).
+    top_k, top_p, min_p: Hugging Face's sampling controls, applied to p in every step and in the
+        collapse (see :mod:`fsdfm.ops`): rates to the tokens they remove are zero, and the
+        collapse draws from p restricted to the kept tokens. min_p is the barrier -ln(min_p).
     generator: a torch.Generator on the model's device: the same seed gives the same tokens.
     backend: "native" (fsdfm._C), "reference" (the *_ref ops) or "auto" (native when built).
     return_trajectory: also return the states [steps + 1, B, L] (x_0, then after each step).
@@ -204,17 +211,19 @@ def sample(
     fused_head: True to draw from the model's final hidden states with the fused head
         (:mod:`fsdfm.head`: no [B, L, V] logits are made; the same law, other draws), which needs
         an fsdfm model (``head_inputs``); False for the logits path; "auto" (the default): the
-        fused head for fsdfm models with the native backend, the logits path otherwise.
+        fused head for fsdfm models with the native backend, the logits path otherwise. The
+        fused head makes the row a tile at a time, so top_k, top_p and temperature=0, which
+        need the whole row first, take the logits path ("auto") or are refused (True).
     """
     positive_int(steps, "steps")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    ops.check_scalars(barrier, temperature)
+    controls = ops.sampling_controls(temperature, barrier, top_k, top_p, min_p)
     schedule = _check_schedule(schedule)
     setup = _resolve_setup(model, batch_size, seq_len, source, vocab_size, device)
     ops.check_generator(generator, setup.device, "sampling runs")
     draw = ops.Kernels(backend, setup.device)
-    fused = _fused_head(fused_head, model, draw)
+    fused = _fused_head(fused_head, model, draw, controls)
     if cuda_graph and (setup.device.type != "cuda" or not draw.native):
         raise ValueError("cuda_graph=True needs sampling on CUDA with the native backend")
     if not draw.native and setup.device.type == "cuda":
@@ -223,7 +232,7 @@ def sample(
             "(build the CUDA kernels for the native backend)",
             stacklevel=2,
         )
-    opts = {"barrier": barrier, "temperature": temperature, "generator": generator, "fused": fused}
+    opts = {"controls": controls, "generator": generator, "fused": fused}
     # Sampling never needs gradients: without this every step would keep the model's
     # activations alive for a backward pass that never comes.
     with torch.no_grad(), _on_device(setup.device):
@@ -244,7 +253,7 @@ def _check_schedule(schedule):
     return schedule
 
 
-def _fused_head(fused_head, model, draw: ops.Kernels) -> bool:
+def _fused_head(fused_head, model, draw: ops.Kernels, controls: ops.Controls) -> bool:
     """Whether the loop draws from the model's hidden states (see ``sample``)."""
     if not (fused_head == "auto" or isinstance(fused_head, bool)):
         raise ValueError(f"fused_head must be 'auto', True or False, got {fused_head!r}")
@@ -253,7 +262,15 @@ def _fused_head(fused_head, model, draw: ops.Kernels) -> bool:
         raise ValueError(
             "fused_head=True needs an fsdfm model (with head_inputs); this model only gives logits"
         )
-    return capable and (fused_head is True or (fused_head == "auto" and draw.native))
+    whole_row = controls.filters or controls.greedy
+    if fused_head is True and whole_row:
+        raise ValueError(
+            "fused_head=True cannot apply top_k, top_p or temperature=0 (they need the whole "
+            "logits row before the draw); use fused_head='auto' or False"
+        )
+    return (
+        capable and not whole_row and (fused_head is True or (fused_head == "auto" and draw.native))
+    )
 
 
 def _on_device(device: torch.device):
@@ -308,7 +325,7 @@ class _Loop:
         self.model, self.setup, self.draw = model, setup, draw
         self.solver, self.schedule, self.edit_mask = solver, schedule, edit_mask
         self.dt = 1.0 / steps  # the grid t_k = k dt, in float64 on the host
-        self.barrier, self.temperature = opts["barrier"], opts["temperature"]
+        self.controls = opts["controls"]
         self.generator, self.fused = opts["generator"], opts["fused"]
         device, B = setup.device, setup.batch_size
         self.t = torch.zeros(B, device=device)
@@ -402,10 +419,11 @@ class _Loop:
         first_bad = int(self.first_bad)
         if first_bad >= 0:
             # A temperature this small overflows float32 for logits of ordinary size.
+            temperature = self.controls.temperature
             tiny = (
-                f" (or temperature = {self.temperature:g} is so small that logits / temperature "
+                f" (or temperature = {temperature:g} is so small that logits / temperature "
                 "overflows float32)"
-                if self.temperature < 1e-30
+                if 0 < temperature < 1e-30
                 else ""
             )
             raise ops.InvalidRowsError(
@@ -422,13 +440,11 @@ class _Logits:
 
     def jump(self, x, rate_scale):
         lp = self.loop
-        return lp.draw.jump(self.logits, x, rate_scale, lp.h32, lp.barrier, lp.temperature,
-                            lp.generator)  # fmt: skip
+        return lp.draw.jump(self.logits, x, rate_scale, lp.h32, lp.controls, lp.generator)
 
     def categorical(self, exclude_token: int):
         lp = self.loop
-        return lp.draw.categorical(self.logits, exclude_token, lp.barrier, lp.temperature,
-                                   lp.generator)  # fmt: skip
+        return lp.draw.categorical(self.logits, exclude_token, lp.controls, lp.generator)
 
 
 class _HiddenStates:
@@ -439,10 +455,10 @@ class _HiddenStates:
 
     def jump(self, x, rate_scale):
         lp = self.loop
-        return head.jump(lp.draw, *self.inputs, x, rate_scale, lp.h32, lp.barrier,
-                         lp.temperature, lp.generator)  # fmt: skip
+        return head.jump(lp.draw, *self.inputs, x, rate_scale, lp.h32, lp.controls,
+                         lp.generator)  # fmt: skip
 
     def categorical(self, exclude_token: int):
         lp = self.loop
-        return head.categorical(lp.draw, *self.inputs, exclude_token, lp.barrier,
-                                lp.temperature, lp.generator)  # fmt: skip
+        return head.categorical(lp.draw, *self.inputs, exclude_token, lp.controls,
+                                lp.generator)  # fmt: skip

@@ -7,16 +7,52 @@ import torch
 from scipy import stats
 
 
-def _probs(logits: torch.Tensor, temperature: float, barrier: float):
+def kept_by_controls(s: torch.Tensor, top_k=None, top_p=None, skip=None) -> torch.Tensor:
+    """Which tokens top-k / top-p keep, from scaled logits s [..., V] in float64, one row at a
+    time in plain Python: top-k keeps s >= the k-th largest; top-p keeps s >= the value at
+    which the descending cumulative mass (of what top-k kept) first reaches top_p. ``skip``
+    ([..., V] bool) is left out of both."""
+    flat = s.reshape(-1, s.shape[-1])
+    skip_flat = None if skip is None else skip.reshape(-1, s.shape[-1])
+    kept = torch.ones_like(flat, dtype=torch.bool)
+    for r in range(flat.shape[0]):
+        values = [
+            (float(v), x)
+            for x, v in enumerate(flat[r].tolist())
+            if skip_flat is None or not bool(skip_flat[r, x])
+        ]
+        values.sort(key=lambda vx: -vx[0])
+        floor = -math.inf
+        if top_k and top_k < len(values):
+            floor = values[top_k - 1][0]
+        if top_p is not None and top_p < 1:
+            m = values[0][0]
+            pool = [v for v, _ in values if v >= floor]
+            total = sum(math.exp(v - m) for v in pool)
+            acc = 0.0
+            for v in pool:
+                acc += math.exp(v - m)
+                if acc >= top_p * total:
+                    floor = max(floor, v)
+                    break
+        kept[r] = flat[r] >= floor
+    return kept.reshape(s.shape)
+
+
+def _probs(logits, temperature, barrier, top_k=None, top_p=None, skip=None):
     s = logits.double() / temperature
     p = torch.softmax(s, dim=-1)
     reachable = s >= s.amax(-1, keepdim=True) - barrier
+    if top_k or (top_p is not None and top_p < 1):
+        reachable &= kept_by_controls(s, top_k, top_p, skip)
     return p, reachable
 
 
-def jump_law(logits, x_t, rate_scale, h, *, barrier=math.inf, temperature=1.0):
-    """P(x_next = x) [B, L, V] of one jump_step (SPEC 2.1 / 2.3)."""
-    p, reachable = _probs(logits, temperature, barrier)
+def jump_law(
+    logits, x_t, rate_scale, h, *, barrier=math.inf, temperature=1.0, top_k=None, top_p=None
+):
+    """P(x_next = x) [B, L, V] of one jump_step (SPEC 2.1 / 2.3; controls as in fsdfm.ops)."""
+    p, reachable = _probs(logits, temperature, barrier, top_k, top_p)
     B, L, V = p.shape
     rate = torch.as_tensor(rate_scale, dtype=torch.float64).expand(B)[:, None]
     step = torch.as_tensor(h, dtype=torch.float64).expand(B)[:, None]
@@ -29,14 +65,15 @@ def jump_law(logits, x_t, rate_scale, h, *, barrier=math.inf, temperature=1.0):
     return law + onehot * stay[..., None]
 
 
-def sample_law(logits, *, exclude=None, barrier=math.inf, temperature=1.0):
+def sample_law(logits, *, exclude=None, barrier=math.inf, temperature=1.0, top_k=None, top_p=None):
     """P(token = x) [B, L, V] of one sample_categorical."""
-    p, reachable = _probs(logits, temperature, barrier)
-    w = torch.where(reachable, p, 0.0)
+    skip = torch.zeros(logits.shape, dtype=torch.bool)
     if isinstance(exclude, torch.Tensor):
-        w = w.scatter(-1, exclude[..., None].to(w.device), 0.0)
+        skip = skip.scatter(-1, exclude[..., None].cpu(), True)
     elif exclude is not None:
-        w[..., exclude] = 0.0
+        skip[..., exclude] = True
+    p, reachable = _probs(logits, temperature, barrier, top_k, top_p, skip)
+    w = torch.where(reachable & ~skip.to(p.device), p, 0.0)
     return w / w.sum(-1, keepdim=True)
 
 

@@ -109,7 +109,7 @@ BACKENDS = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_ops_fuzz(backend, data):
-    d = Draw(data, arguments=7)
+    d = Draw(data, arguments=10)
     B, L, V, dtype, logits = draw_rows(data, [1, 2, 3, 7, 33, 130])
     if B * L and d.arg("logits", st.just(False), [True]):
         logits[data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, L - 1)), 0] = data.draw(
@@ -135,8 +135,9 @@ def test_ops_fuzz(backend, data):
     )  # fmt: skip
     barrier = d.arg("barrier", st.sampled_from([math.inf, 0.0, 0.5, 3.0]), [-1.0, math.nan, "x"])
     temperature = d.arg(
-        "temperature", st.sampled_from([1.0, 0.5, 2.0, 0.05]), [0.0, -1.0, math.inf, 1e-45, None]
+        "temperature", st.sampled_from([1.0, 0.5, 2.0, 0.05, 0.0]), [-1.0, math.inf, 1e-45, None]
     )
+    controls = draw_controls(d)
     generator = d.arg("generator", st.just(torch.Generator().manual_seed(3)), [0, "g"])
     jump = ops.jump_step if backend == "native" else ops.jump_step_ref
     out = d.check(
@@ -148,6 +149,7 @@ def test_ops_fuzz(backend, data):
             barrier=barrier,
             temperature=temperature,
             generator=generator,
+            **controls,
         )  # fmt: skip
     )
     if out is None:
@@ -159,12 +161,31 @@ def test_ops_fuzz(backend, data):
     assert not bool((moved & impossible).any()), "jumped to a token of probability zero"
     if isinstance(h, float) and h == 0.0:
         assert not bool(moved.any())
+    if only_the_maximum(temperature, controls):
+        landed = logits.float().gather(-1, out[..., None])[..., 0]
+        assert bool((landed == logits.float().amax(-1))[moved].all()), "moved off the maximum"
+        if temperature == 0.0:
+            assert bool((out == logits.float().argmax(-1))[moved].all()), "not the lowest argmax"
+
+
+def draw_controls(d: Draw) -> dict:
+    """top_k / top_p / min_p, each valid (None and the "off" values included) or mistaken."""
+    return {
+        "top_k": d.arg("top_k", st.sampled_from([None, 0, 1, 3, 1000]), [-1, 1.5, True]),
+        "top_p": d.arg("top_p", st.sampled_from([None, 1.0, 0.5, 0.01]), [0.0, 1.5, math.nan]),
+        "min_p": d.arg("min_p", st.sampled_from([None, 0.0, 0.2, 1.0]), [-0.1, 2.0]),
+    }
+
+
+def only_the_maximum(temperature, controls) -> bool:
+    """Whether the controls leave only the tokens of the row's largest logit."""
+    return temperature == 0.0 or controls["top_k"] == 1 or controls["min_p"] == 1.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(data=st.data())
 def test_categorical_fuzz(backend, data):
-    d = Draw(data, arguments=2)
+    d = Draw(data, arguments=5)
     B, L, V, dtype, logits = draw_rows(data, [2, 3, 7, 130])
     exclude = d.arg(
         "exclude",
@@ -176,10 +197,11 @@ def test_categorical_fuzz(backend, data):
         # give the next token the row's largest logit.
         logits[..., (exclude + 1) % V] = logits.float().amax(-1).to(dtype)
     barrier = math.inf if exclude is not None else data.draw(st.sampled_from([math.inf, 0.0, 2.0]))
-    temperature = d.arg("temperature", st.sampled_from([1.0, 0.3, 3.0]), [0.0, math.nan])
+    temperature = d.arg("temperature", st.sampled_from([1.0, 0.3, 3.0, 0.0]), [-0.5, math.nan])
+    controls = draw_controls(d)
     categorical = ops.sample_categorical if backend == "native" else ops.sample_categorical_ref
     out = d.check(lambda: categorical(logits, exclude=exclude, barrier=barrier,
-                                      temperature=temperature))  # fmt: skip
+                                      temperature=temperature, **controls))  # fmt: skip
     if out is None:
         return
     assert out.shape == (B, L) and out.dtype == torch.int64
@@ -188,8 +210,10 @@ def test_categorical_fuzz(backend, data):
     assert bool((drawn > -math.inf).all()), "drew a token of probability zero"
     if exclude is not None:
         assert not bool((out == exclude).any())
-    if barrier == 0.0:  # only the most probable tokens are reachable
-        assert bool((drawn == logits.float().amax(-1)).all())
+    if exclude is None and (barrier == 0.0 or only_the_maximum(temperature, controls)):
+        assert bool((drawn == logits.float().amax(-1)).all())  # only the most probable tokens
+        if temperature == 0.0:
+            assert torch.equal(out, logits.float().argmax(-1))
 
 
 # -- fsdfm.sample / generate -------------------------------------------------------------------
@@ -221,14 +245,18 @@ def test_sample_fuzz(data):
     source = data.draw(st.sampled_from(["uniform", "mask"]), label="model source")
     model = tiny(source)
     real = 10 if source == "mask" else 11
-    d = Draw(data, arguments=10)
+    d = Draw(data, arguments=12)
     steps = d.arg("steps", st.integers(1, 4), [0, -1, 2.5, True, "2"])
     batch_size = d.arg("batch_size", st.integers(1, 3), [0, 1.5, None])
     seq_len = d.arg("seq_len", st.one_of(st.none(), st.integers(1, 8)), [0, 9, 2.0])
     L = 8 if seq_len is None or d.mistakes else seq_len
     B = batch_size if isinstance(batch_size, int) and batch_size > 0 else 1
     solver = d.arg("solver", st.sampled_from(["cumulative", "euler", "dfm"]), ["Euler", 3])
-    temperature = d.arg("temperature", st.floats(0.1, 10), [0.0, math.nan, -2.0, 1e-40])
+    temperature = d.arg(
+        "temperature", st.one_of(st.floats(0.1, 10), st.just(0.0)), [math.nan, -2.0, 1e-40]
+    )
+    top_k = d.arg("top_k", st.sampled_from([None, 1, 5]), [-1, "5"])
+    top_p = d.arg("top_p", st.sampled_from([None, 0.9]), [0, 2])
     barrier = d.arg("barrier", st.sampled_from([math.inf, 0.0, 1.0]), [-0.5, math.nan])
     other = "mask" if source == "uniform" else "uniform"
     chosen_source = d.arg("source", st.sampled_from([None, source]), [other, "masked"])
@@ -244,8 +272,9 @@ def test_sample_fuzz(data):
                     torch.zeros(max(P, 1)), [1, 2]])  # fmt: skip
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32)))
     kwargs = dict(batch_size=batch_size, seq_len=seq_len, solver=solver, temperature=temperature,
-                  barrier=barrier, source=chosen_source, backend=backend, fused_head=fused_head,
-                  prompt=prompt, generator=generator)  # fmt: skip
+                  top_k=top_k, top_p=top_p, barrier=barrier, source=chosen_source,
+                  backend=backend, fused_head=fused_head, prompt=prompt,
+                  generator=generator)  # fmt: skip
     out = d.check(lambda: fsdfm.sample(model, steps, **kwargs))
     if out is None:
         return
@@ -347,6 +376,9 @@ WORDS = {
     "--seed": ["0", "7", "-1", str(2**64), "s"],
     "--temperature": ["1", "0.5", "0", "nan", "-1", "1e-45", "inf"],
     "--barrier": ["inf", "2", "-1", "nan"],
+    "--top-k": ["0", "5", "-1", "x"],
+    "--top-p": ["0.9", "1", "0", "1.5"],
+    "--min-p": ["0.1", "0", "2"],
     "--solver": ["cumulative", "euler", "dfm", "heun"],
     "--tokenizer": ["gpt2", "byte", "/nonexistent/tokenizer.json"],
     "--model": ["default", "/nonexistent", "fsdfm"],

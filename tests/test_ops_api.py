@@ -171,10 +171,12 @@ def test_invalid_rows_raise(device):
         torch.ones(2, device=device),
         math.inf,
         1.0,
+        0,
+        1.0,
         None,
     )
     assert bool((out == -1).all()), "token ids out of range give -1 rows"
-    out = torch.ops.fsdfm.sample_categorical(logits, x_t - 1, -1, math.inf, 1.0, None)
+    out = torch.ops.fsdfm.sample_categorical(logits, x_t - 1, -1, math.inf, 1.0, 0, 1.0, None)
     assert bool((out == -1).all()), "in an exclude tensor -1 is out of range, not 'none'"
 
 
@@ -214,7 +216,7 @@ def test_argument_errors(device):
             "barrier must be >= 0",
         ),
         (
-            lambda: ops.jump_step(logits, x_t, 1.0, 0.5, temperature=0.0),
+            lambda: ops.jump_step(logits, x_t, 1.0, 0.5, temperature=-0.5),
             ValueError,
             "temperature must be",
         ),
@@ -255,15 +257,19 @@ def test_native_op_checks_its_arguments():
     x_t = torch.zeros(2, 3, dtype=torch.long)
     one = torch.ones(2)
     with pytest.raises(ValueError, match="x_t must have shape"):
-        torch.ops.fsdfm.jump_step(logits, x_t[:1], one, one, math.inf, 1.0, None)
+        torch.ops.fsdfm.jump_step(logits, x_t[:1], one, one, math.inf, 1.0, 0, 1.0, None)
     with pytest.raises(ValueError, match="h must have shape"):
-        torch.ops.fsdfm.jump_step(logits, x_t, one, one[:1], math.inf, 1.0, None)
+        torch.ops.fsdfm.jump_step(logits, x_t, one, one[:1], math.inf, 1.0, 0, 1.0, None)
     with pytest.raises(TypeError, match="rate_scale must be a float32"):
-        torch.ops.fsdfm.jump_step(logits, x_t, one.double(), one, math.inf, 1.0, None)
+        torch.ops.fsdfm.jump_step(logits, x_t, one.double(), one, math.inf, 1.0, 0, 1.0, None)
     with pytest.raises(ValueError, match="temperature"):
-        torch.ops.fsdfm.sample_categorical(logits, None, -1, math.inf, -1.0, None)
+        torch.ops.fsdfm.sample_categorical(logits, None, -1, math.inf, -1.0, 0, 1.0, None)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        torch.ops.fsdfm.sample_categorical(logits, None, -1, math.inf, 1.0, -1, 1.0, None)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        torch.ops.fsdfm.jump_step(logits, x_t, one, one, math.inf, 1.0, 0, 0.0, None)
     with pytest.raises(ValueError, match="give exclude either"):
-        torch.ops.fsdfm.sample_categorical(logits, x_t, 1, math.inf, 1.0, None)
+        torch.ops.fsdfm.sample_categorical(logits, x_t, 1, math.inf, 1.0, 0, 1.0, None)
 
 
 def op_samples(device):
@@ -272,14 +278,27 @@ def op_samples(device):
     one = torch.ones(2, device=device)
     return {
         "probs_to_generator": (logits.softmax(-1), x_t, one, 2.0),
-        "jump_step": (logits, x_t, one, one * 0.5, math.inf, 0.9, None),
-        "sample_categorical": (logits, x_t, -1, 3.0, 1.0, None),
+        "jump_step": (logits, x_t, one, one * 0.5, math.inf, 0.9, 0, 1.0, None),
+        "sample_categorical": (logits, x_t, -1, 3.0, 1.0, 0, 1.0, None),
+        # The controls (top-k and top-p; temperature 0) take other paths through the kernels.
+        "jump_step/controls": (logits, x_t, one, one * 0.5, 2.0, 0.9, 5, 0.8, None),
+        "sample_categorical/greedy": (logits, x_t, -1, math.inf, 0.0, 3, 0.5, None),
     }
 
 
-@pytest.mark.parametrize("op", ["probs_to_generator", "jump_step", "sample_categorical"])
-def test_opcheck(device, op):
-    args = op_samples(device)[op]
+@pytest.mark.parametrize(
+    "case",
+    [
+        "probs_to_generator",
+        "jump_step",
+        "sample_categorical",
+        "jump_step/controls",
+        "sample_categorical/greedy",
+    ],
+)
+def test_opcheck(device, case):
+    args = op_samples(device)[case]
+    op = case.split("/")[0]
     torch.library.opcheck(getattr(torch.ops.fsdfm, op).default, args)
     if op != "probs_to_generator":
         # With an explicit generator the eager/AOT comparison would draw twice from one state.
@@ -295,8 +314,8 @@ def test_torch_compile(device):
     """A step traced with fullgraph=True gives the eager tokens (same default-generator seed)."""
 
     def step(logits, x_t, rate, h):
-        x = torch.ops.fsdfm.jump_step(logits, x_t, rate, h, math.inf, 1.0, None)
-        return torch.ops.fsdfm.sample_categorical(logits, x, -1, math.inf, 1.0, None)
+        x = torch.ops.fsdfm.jump_step(logits, x_t, rate, h, math.inf, 1.0, 0, 1.0, None)
+        return torch.ops.fsdfm.sample_categorical(logits, x, -1, math.inf, 1.0, 0, 1.0, None)
 
     logits = torch.randn(2, 7, 50, device=device)
     x_t = torch.randint(0, 50, (2, 7), device=device)

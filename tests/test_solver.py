@@ -129,7 +129,8 @@ def test_errors():
         (lambda: fsdfm.sample(model, 2, solver="rk4", **kw), ValueError, "solver must be"),
         (lambda: fsdfm.sample(model, 2, backend="gpu", **kw), ValueError, "backend must be"),
         (lambda: fsdfm.sample(model, 2, source="noise", **kw), ValueError, "source must be"),
-        (lambda: fsdfm.sample(model, 2, temperature=0, **kw), ValueError, "temperature"),
+        (lambda: fsdfm.sample(model, 2, temperature=-1, **kw), ValueError, "temperature"),
+        (lambda: fsdfm.sample(model, 2, top_p=0, **kw), ValueError, "top_p must"),
         (lambda: fsdfm.sample(model, 2, barrier=-1.0, **kw), ValueError, "barrier"),
         (
             lambda: fsdfm.sample(model, 2, prompt=torch.tensor([0, 1, 2, 0]), **kw),

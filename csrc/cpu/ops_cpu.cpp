@@ -19,8 +19,8 @@ using namespace cpu;  // NOLINT: the row kernels
 // The per-dtype entry points of the row kernels, one clone per instruction set.
 #define FSDFM_ROW_ENTRY_POINTS(T)                                                              \
   FSDFM_ISA_CLONES int64_t draw_row_isa(const T* row, int64_t V, const RowTask& task,           \
-                                        const RowUniforms& u, float* masses) {                 \
-    return draw_row(row, V, task, u, masses);                                                  \
+                                        const RowUniforms& u, float* masses, float* values) {  \
+    return draw_row(row, V, task, u, masses, values);                                          \
   }                                                                                            \
   FSDFM_ISA_CLONES void generator_row_isa(const T* p, T* out, int64_t V, int64_t z, float rate, \
                                           float barrier) {                                     \
@@ -40,18 +40,23 @@ at::Tensor draw_rows(const DrawArgs& a, double barrier, double temperature,
   int64_t* out_ptr = out.data_ptr<int64_t>();
   const int64_t groups = (rows.V + kGroup - 1) / kGroup;
   const uint64_t seed = draw_seed(generator);
-  const auto inv_temp = static_cast<float>(1.0 / temperature);
+  const auto inv_temp = a.greedy ? 0.0f : static_cast<float>(1.0 / temperature);
   const auto b = static_cast<float>(barrier);
+  const bool controls = !a.greedy && a.controls.active(rows.V);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.logits.scalar_type(), "fsdfm_draw",
                                   [&] {
     const scalar_t* base = a.logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows.rows(), grain_rows(rows.V), [&](int64_t begin, int64_t end) {
       std::vector<float> masses(groups);
+      std::vector<float> values(controls ? rows.V : 0);
       for (int64_t r = begin; r < end; ++r) {
         const RowUniforms u = row_uniforms(seed, 0, static_cast<uint64_t>(r));
-        const RowTask task = row_task(a.mode, a.mode == DrawMode::kJump ? a.current : a.exclude,
-                                      a.exclude_token, a.rate_scale, a.h, rows, r, inv_temp, b);
-        out_ptr[r] = draw_row_isa(base + rows.offset(r), rows.V, task, u, masses.data());
+        RowTask task = row_task(a.mode, a.mode == DrawMode::kJump ? a.current : a.exclude,
+                                a.exclude_token, a.rate_scale, a.h, rows, r, inv_temp, b);
+        task.greedy = a.greedy;
+        task.controls = a.controls;
+        out_ptr[r] = draw_row_isa(base + rows.offset(r), rows.V, task, u, masses.data(),
+                                  values.data());
       }
     });
   });
@@ -60,17 +65,20 @@ at::Tensor draw_rows(const DrawArgs& a, double barrier, double temperature,
 
 at::Tensor jump_step_cpu(const at::Tensor& logits, const at::Tensor& x_t,
                          const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
-                         double temperature, std::optional<at::Generator> generator) {
-  return draw_rows(jump_args(logits, x_t, rate_scale, h, barrier, temperature), barrier,
-                   temperature, generator);
+                         double temperature, int64_t top_k, double top_p,
+                         std::optional<at::Generator> generator) {
+  return draw_rows(jump_args(logits, x_t, rate_scale, h, barrier, temperature, top_k, top_p),
+                   barrier, temperature, generator);
 }
 
 at::Tensor sample_categorical_cpu(const at::Tensor& logits,
                                   const std::optional<at::Tensor>& exclude,
                                   int64_t exclude_token, double barrier, double temperature,
+                                  int64_t top_k, double top_p,
                                   std::optional<at::Generator> generator) {
-  return draw_rows(sample_args(logits, exclude, exclude_token, barrier, temperature), barrier,
-                   temperature, generator);
+  return draw_rows(
+      sample_args(logits, exclude, exclude_token, barrier, temperature, top_k, top_p), barrier,
+      temperature, generator);
 }
 
 at::Tensor probs_to_generator_cpu(const at::Tensor& probs_in, const at::Tensor& x_t_in,

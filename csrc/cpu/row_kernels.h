@@ -163,7 +163,7 @@ FSDFM_INLINE int64_t draw_from_span(const T* span, int64_t n, int64_t first, flo
 
 // Inputs of one row's draw. `excluded` is the destination the row may not take: the current
 // token x_t (DrawMode::kJump) or the excluded token (kSample), -1 for none; `valid` is false
-// when a per-row token id lies outside [0, V).
+// when a per-row token id lies outside [0, V). `greedy`: temperature 0 (inv_temp unused).
 struct RowTask {
   DrawMode mode;
   bool valid;
@@ -172,22 +172,150 @@ struct RowTask {
   float barrier;
   float rate_scale;
   float h;
+  bool greedy = false;
+  Controls controls = {};
+
+  // The token left out of the controls' floor: the draw's exclusion (the mask), never x_t,
+  // which belongs to the destination law of a jump.
+  int64_t uncounted() const { return mode == DrawMode::kSample ? excluded : -1; }
 };
 
-// One row of jump_step / sample_categorical; `masses` is scratch of ceil(V / kGroup) floats.
-// The row is read twice (the second read comes from cache, a GPT-2 row being 100-200 KB): the
-// maximum, then e^(s - m) once per token into the block masses; the draw reads one block.
+// Weight of v[0, n): its count, or its mass sum e^(v - m) in float64.
+FSDFM_INLINE double weight_of(const float* v, int64_t n, bool by_mass, float m) {
+  if (!by_mass) return static_cast<double>(n);
+  double w = 0.0;
+  for (int64_t i = 0; i < n; ++i) w += exp_nonpos(v[i] - m);
+  return w;
+}
+
+// A selection's result: the floor, and how many of the values are at least the floor (they are
+// then v[0, count)).
+struct Kept {
+  float floor;
+  int64_t count;
+};
+
+// Among v[0, n) (scratch, reordered): the largest f such that the values >= f weigh at least
+// `target` (weight: 1 per value, or e^(v - m) with by_mass). A three-way quickselect, in
+// descending order, on median-of-three pivots: expected O(n), and the floor is exact (it is
+// one of the values, not an interpolation). Should 64 rounds not settle it (a row built to
+// defeat the pivots), what is left is sorted, so no row costs more than O(n log n). When even
+// all of v weighs less than target (rounding in a mass target), everything is kept.
+FSDFM_INLINE Kept select_floor(float* v, int64_t n, bool by_mass, double target, float m) {
+  int64_t lo = 0, hi = n;  // v[0, lo) is kept, v[hi, n) is not; acc = weight of v[0, lo)
+  double acc = 0.0;
+  for (int round = 0; lo < hi; ++round) {
+    if (round == 64) {
+      std::sort(v + lo, v + hi, [](float a, float b) { return a > b; });
+      for (int64_t i = lo; i < hi;) {
+        int64_t j = i;
+        while (j < hi && v[j] == v[i]) ++j;
+        acc += weight_of(v + i, j - i, by_mass, m);
+        if (acc >= target) return Kept{v[i], j};
+        i = j;
+      }
+      break;
+    }
+    const float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi - 1];
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    // [lo, gt) > pivot, [gt, i) == pivot, [lt, hi) < pivot.
+    int64_t gt = lo, i = lo, lt = hi;
+    while (i < lt) {
+      if (v[i] > pivot) {
+        std::swap(v[gt++], v[i++]);
+      } else if (v[i] < pivot) {
+        std::swap(v[i], v[--lt]);
+      } else {
+        ++i;
+      }
+    }
+    const double above = weight_of(v + lo, gt - lo, by_mass, m);
+    if (acc + above >= target) {
+      hi = gt;  // the floor lies strictly above the pivot
+      continue;
+    }
+    acc += above + weight_of(v + gt, lt - gt, by_mass, m);
+    if (acc >= target) return Kept{pivot, lt};
+    lo = lt;
+  }
+  return Kept{kNegInf, n};
+}
+
+// The controls' floor of one row (Controls, row_math.h), on the scaled logits; m is the row's
+// scaled maximum and `values` scratch of V floats.
+template <typename T>
+FSDFM_INLINE float control_floor(const T* row, int64_t V, const RowTask& task, float m,
+                                 float* values) {
+  const int64_t skip = task.uncounted();
+  int64_t n = 0;
+  for (int64_t x = 0; x < V; ++x) {
+    if (x != skip) values[n++] = to_float(row[x]) * task.inv_temp;
+  }
+  const Controls& c = task.controls;
+  float floor = kNegInf;
+  if (c.top_k > 0 && c.top_k < n) {
+    const Kept k = select_floor(values, n, false, static_cast<double>(c.top_k), m);
+    floor = k.floor;
+    n = k.count;
+  }
+  if (c.top_p < 1.0) {
+    const double mass = weight_of(values, n, true, m);
+    if (mass > 0.0) floor = std::max(floor, select_floor(values, n, true, c.top_p * mass, m).floor);
+  }
+  return floor;
+}
+
+// A row at temperature 0: the argmax (lowest id among ties) of the raw logits, then
+// greedy_result. The token left out of the argmax is the draw's exclusion, as for the floor.
+// The vectorised maximum comes first; the argmax is then the first token other than the
+// exclusion that equals it, found by a scan that stops there. Only when the exclusion is the
+// sole maximum does a second, full pass look for the best of the rest.
+template <typename T>
+FSDFM_INLINE int64_t greedy_row(const T* row, int64_t V, const RowTask& task,
+                                const RowUniforms& u) {
+  float m;
+  bool bad;
+  row_max(row, V, m, bad);
+  if (!row_is_valid(m, bad)) return kInvalidToken;
+  const int64_t skip = task.uncounted();
+  int64_t arg = kInvalidToken;
+  for (int64_t x = 0; x < V; ++x) {
+    if (to_float(row[x]) == m && x != skip) {
+      arg = x;
+      break;
+    }
+  }
+  if (arg < 0) {
+    float best = kNegInf;
+    for (int64_t x = 0; x < V; ++x) {
+      const float v = to_float(row[x]);
+      if (x != skip && beats(v, x, best, arg)) {
+        best = v;
+        arg = x;
+      }
+    }
+  }
+  return greedy_result(task.mode == DrawMode::kJump, arg, task.excluded, task.rate_scale, task.h,
+                       u.jump);
+}
+
+// One row of jump_step / sample_categorical; `masses` is scratch of ceil(V / kGroup) floats,
+// `values` of V floats (used by the controls only). The row is read twice (the second read
+// comes from cache, a GPT-2 row being 100-200 KB): the maximum, then e^(s - m) once per token
+// into the block masses; the draw reads one block. Top-k / top-p add a copy and a selection.
 template <typename T>
 FSDFM_INLINE int64_t draw_row(const T* row, int64_t V, const RowTask& task,
-                              const RowUniforms& u, float* masses) {
+                              const RowUniforms& u, float* masses, float* values) {
   if (!task.valid) return kInvalidToken;
+  if (task.greedy) return greedy_row(row, V, task, u);
   float lmax;
   bool bad;
   row_max(row, V, lmax, bad);
   // inv_temp > 0, so the maximum of the scaled logits is the scaled maximum, bit for bit.
   const float m = lmax * task.inv_temp;
   if (!row_is_valid(m, bad)) return kInvalidToken;
-  const float thr = reach_threshold(m, task.barrier);
+  float thr = reach_threshold(m, task.barrier);
+  if (task.controls.active(V)) thr = std::max(thr, control_floor(row, V, task, m, values));
   const RowMass mass = span_masses(row, V, 0, task.inv_temp, m, thr, task.excluded, masses);
   if (task.mode == DrawMode::kJump) {
     if (!(u.jump < jump_probability(mass, task.rate_scale, task.h))) return task.excluded;

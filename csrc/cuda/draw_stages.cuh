@@ -196,20 +196,139 @@ __device__ __forceinline__ float block_max(float v, bool flag, bool& any_flag, f
 // ---- Stages of a row's draw. Every stage that can end a row early decides on block-uniform
 // values only, so that whole blocks (or, after the statistics, whole warp 0) leave together.
 
-// A finite barrier needs the row maximum before the allowed set is known: a first read of the
-// row for the maximum, then thr = m - barrier. False for a row that gives no distribution.
+// A finite barrier (or a control) needs the row maximum before the allowed set is known: a first
+// read of the row for the scaled maximum m. False for a row that gives no distribution.
 template <typename T>
-__device__ __forceinline__ bool barrier_threshold(const InRow<T>& row, float inv_temp,
-                                                  float barrier, float* s_warp, float& thr) {
+__device__ __forceinline__ bool row_maximum(const InRow<T>& row, float inv_temp, float* s_warp,
+                                            float& m) {
   float mt = kNegInf;
   for_each_unit(row, threadIdx.x, [&](int, const auto& v) {
 #pragma unroll
     for (const float x : v) mt = max_nan(mt, x * inv_temp);
   });
   bool any_bad;
-  const float m = block_max(mt, !(mt == mt), any_bad, s_warp);
-  thr = reach_threshold(m, barrier);
+  m = block_max(mt, !(mt == mt), any_bad, s_warp);
   return row_is_valid(m, any_bad);
+}
+
+// Weight of the tokens other than `skip` whose scaled logit has order_key >= key: their count,
+// or (by_mass) their mass sum e^(s - m), in float64 and the same in every thread: each thread
+// sums its own tokens in a fixed order, then warps and the block combine in a fixed order, so
+// the result does not depend on scheduling. A block barrier; s_red holds kWarps doubles.
+template <typename T>
+__device__ __forceinline__ double block_weight_from(const InRow<T>& row, float inv_temp, float m,
+                                                    int skip, uint32_t key, bool by_mass,
+                                                    double* s_red) {
+  double w = 0.0;
+  for_each_unit(row, threadIdx.x, [&](int first, const auto& v) {
+    constexpr int n = sizeof(v) / sizeof(v[0]);
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const float s = v[i] * inv_temp;
+      if (first + i != skip && order_key(s) >= key) {
+        w += by_mass ? static_cast<double>(exp_nonpos(s - m)) : 1.0;
+      }
+    }
+  });
+  w = warp_sum(w);
+  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = w;
+  __syncthreads();
+  double total = 0.0;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) total += s_red[i];
+  __syncthreads();  // the next call rewrites s_red
+  return total;
+}
+
+// The floor of the sampling controls (Controls, fsdfm/row_math.h) by bisection over order keys
+// rather than a sort: the largest key whose tokens at or above it weigh at least the target
+// (k tokens; top_p of the mass top-k kept). Each step is one pass over the row, served by L2
+// after the first read, and at most 32 steps per control (a key has 32 bits); top-k stops as
+// soon as a key keeps exactly k tokens. `n` is the number of candidate tokens (V without skip).
+// Block-uniform: every decision is taken on block-wide sums.
+template <typename T>
+__device__ __forceinline__ float control_floor(const InRow<T>& row, float inv_temp, float m,
+                                               int skip, int n, const Controls& c,
+                                               double* s_red) {
+  uint32_t lo = order_key(kNegInf);         // keeps every token
+  const uint32_t none = order_key(m) + 1u;  // keeps none (m is finite here)
+  if (c.top_k > 0 && c.top_k < n) {
+    const double k = static_cast<double>(c.top_k);
+    uint32_t hi = none;
+    while (hi - lo > 1u) {
+      const uint32_t mid = lo + (hi - lo) / 2u;
+      const double w = block_weight_from(row, inv_temp, m, skip, mid, false, s_red);
+      if (w >= k) {
+        lo = mid;
+        if (w == k) break;  // exactly the k largest: any key in between keeps the same set
+      } else {
+        hi = mid;
+      }
+    }
+  }
+  if (c.top_p < 1.0) {
+    const double target = c.top_p * block_weight_from(row, inv_temp, m, skip, lo, true, s_red);
+    uint32_t hi = none;
+    while (target > 0.0 && hi - lo > 1u) {
+      const uint32_t mid = lo + (hi - lo) / 2u;
+      if (block_weight_from(row, inv_temp, m, skip, mid, true, s_red) >= target) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+  }
+  return key_value(lo);
+}
+
+// Temperature 0: the row's argmax over the tokens other than `skip` (lowest id among ties, see
+// beats), and whether the row is valid (maximum over every token finite, no NaN); every thread
+// gets both. Warp shuffles pick each warp's winner under the total order of beats, so every
+// lane agrees; the warp winners are then combined in a fixed order.
+template <typename T>
+__device__ __forceinline__ bool block_argmax(const InRow<T>& row, int skip, float* s_warp,
+                                             float* s_best, int* s_arg, int64_t& argmax) {
+  float m = kNegInf, best = kNegInf;
+  int64_t arg = kInvalidToken;
+  bool bad = false;
+  for_each_unit(row, threadIdx.x, [&](int first, const auto& v) {
+    constexpr int n = sizeof(v) / sizeof(v[0]);
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      bad |= !(v[i] == v[i]);
+      m = fmaxf(m, v[i]);
+      if (first + i != skip && beats(v[i], first + i, best, arg)) {
+        best = v[i];
+        arg = first + i;
+      }
+    }
+  });
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) {
+    const float other_best = __shfl_xor_sync(kFullMask, best, d);
+    const int64_t other_arg = __shfl_xor_sync(kFullMask, static_cast<long long>(arg), d);
+    if (beats(other_best, other_arg, best, arg)) {
+      best = other_best;
+      arg = other_arg;
+    }
+  }
+  if ((threadIdx.x & 31) == 0) {
+    s_best[threadIdx.x >> 5] = best;
+    s_arg[threadIdx.x >> 5] = static_cast<int>(arg);
+  }
+  bool any_bad;
+  const float row_max = block_max(m, bad, any_bad, s_warp);  // also publishes s_best / s_arg
+  best = kNegInf;
+  arg = kInvalidToken;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    if (beats(s_best[w], s_arg[w], best, arg)) {
+      best = s_best[w];
+      arg = s_arg[w];
+    }
+  }
+  argmax = arg;
+  return row_is_valid(row_max, any_bad);
 }
 
 // Row statistics, per thread: its tokens folded into an OnlineSoftmax, a unit at a time (the

@@ -74,8 +74,10 @@ struct DrawParams {
   int exclude_token;        // kSample without `exclude`: one excluded id, or -1 for none
   const float* rate_scale;  // kJump: [B]
   const float* h;           // kJump: [B]
-  float inv_temperature;
+  float inv_temperature;     // 0 with greedy
   float barrier;
+  Controls controls;         // top-k / top-p
+  bool greedy;               // temperature 0: the argmax
   at::PhiloxCudaState philox;
   int64_t* out;
 };
@@ -100,6 +102,8 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
   __shared__ float s_total[kThreads];
   __shared__ float s_allowed[kThreads];
   __shared__ float s_warp[kWarps];
+  __shared__ double s_red[kWarps];
+  __shared__ int s_arg[kWarps];
 
   const int t = threadIdx.x;
   const int64_t r = blockIdx.x;
@@ -109,16 +113,39 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
   const auto finish = [&](int64_t token) {
     if (t == 0) a.out[r] = token;
   };
+  const auto uniforms = [&] {
+    const auto seeds = at::cuda::philox::unpack(a.philox);
+    return row_uniforms(std::get<0>(seeds), std::get<1>(seeds), static_cast<uint64_t>(r));
+  };
 
   int excluded;
   if (!excluded_token(a, r, excluded)) return finish(kInvalidToken);
-  const float inv_temp = a.inv_temperature;
-  float thr = kNegInf;  // barrier = +inf: every token is reachable, one read of the row
-  const bool finite_barrier = a.barrier < INFINITY;
-  if (finite_barrier && !barrier_threshold(row, inv_temp, a.barrier, s_warp, thr)) {
-    return finish(kInvalidToken);
+  // The token left out of the argmax and of the controls' floor: the draw's exclusion (the
+  // mask), never x_t, which belongs to the destination law of a jump.
+  const int skip = a.mode == DrawMode::kSample ? excluded : -1;
+  if (a.greedy) {
+    int64_t argmax;
+    const bool valid = block_argmax(row, skip, s_warp, s_total, s_arg, argmax);
+    if (t != 0) return;
+    if (!valid) return finish(kInvalidToken);
+    const bool jump = a.mode == DrawMode::kJump;
+    return finish(greedy_result(jump, argmax, excluded, jump ? __ldg(a.rate_scale + b) : 0.0f,
+                                jump ? __ldg(a.h + b) : 0.0f, uniforms().jump));
   }
-  const bool bad = block_statistics(row, inv_temp, excluded, thr, finite_barrier, s_max, s_total,
+  const float inv_temp = a.inv_temperature;
+  float thr = kNegInf;  // barrier = +inf, no controls: every token allowed, one read of the row
+  const bool controls = a.controls.active(a.V);
+  const bool threshold = a.barrier < INFINITY || controls;
+  if (threshold) {
+    float m;
+    if (!row_maximum(row, inv_temp, s_warp, m)) return finish(kInvalidToken);
+    thr = reach_threshold(m, a.barrier);
+    if (controls) {
+      const int n = a.V - (skip >= 0 ? 1 : 0);
+      thr = fmaxf(thr, control_floor(row, inv_temp, m, skip, n, a.controls, s_red));
+    }
+  }
+  const bool bad = block_statistics(row, inv_temp, excluded, thr, threshold, s_max, s_total,
                                     s_allowed);
   if (t >= 32) return;
 
@@ -126,8 +153,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams a) {
   const int lane = t;
   const Groups groups = combine_groups(s_max, s_total, s_allowed, lane);
   if (!row_is_valid(groups.m, bad)) return finish(kInvalidToken);
-  const auto seeds = at::cuda::philox::unpack(a.philox);
-  const RowUniforms u = row_uniforms(std::get<0>(seeds), std::get<1>(seeds), static_cast<uint64_t>(r));
+  const RowUniforms u = uniforms();
   if (a.mode == DrawMode::kJump) {
     const double p_jump = jump_probability(groups.mass, __ldg(a.rate_scale + b), __ldg(a.h + b));
     // Stay (always when nothing is allowed: p_jump = 0).
@@ -293,8 +319,10 @@ at::Tensor draw_rows(const DrawArgs& args, double barrier, double temperature,
   p.exclude_token = static_cast<int>(args.exclude_token);
   p.rate_scale = args.rate_scale ? args.rate_scale->const_data_ptr<float>() : nullptr;
   p.h = args.h ? args.h->const_data_ptr<float>() : nullptr;
-  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.greedy = args.greedy;
+  p.inv_temperature = args.greedy ? 0.0f : static_cast<float>(1.0 / temperature);
   p.barrier = static_cast<float>(barrier);
+  p.controls = args.controls;
   p.philox = philox;
   p.out = out.mutable_data_ptr<int64_t>();
 
@@ -309,21 +337,24 @@ at::Tensor draw_rows(const DrawArgs& args, double barrier, double temperature,
 
 at::Tensor jump_step_cuda(const at::Tensor& logits, const at::Tensor& x_t,
                           const at::Tensor& rate_scale, const at::Tensor& h, double barrier,
-                          double temperature, std::optional<at::Generator> generator) {
+                          double temperature, int64_t top_k, double top_p,
+                          std::optional<at::Generator> generator) {
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
-  return draw_rows(jump_args(logits, x_t, rate_scale, h, barrier, temperature), barrier,
-                   temperature, generator);
+  return draw_rows(jump_args(logits, x_t, rate_scale, h, barrier, temperature, top_k, top_p),
+                   barrier, temperature, generator);
 }
 
 at::Tensor sample_categorical_cuda(const at::Tensor& logits,
                                    const std::optional<at::Tensor>& exclude,
                                    int64_t exclude_token, double barrier, double temperature,
+                                   int64_t top_k, double top_p,
                                    std::optional<at::Generator> generator) {
   check_cuda(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
-  return draw_rows(sample_args(logits, exclude, exclude_token, barrier, temperature), barrier,
-                   temperature, generator);
+  return draw_rows(
+      sample_args(logits, exclude, exclude_token, barrier, temperature, top_k, top_p), barrier,
+      temperature, generator);
 }
 
 at::Tensor probs_to_generator_cuda(const at::Tensor& probs_in, const at::Tensor& x_t_in,

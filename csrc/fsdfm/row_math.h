@@ -198,6 +198,65 @@ struct InverseCdf {
   FSDFM_HD int64_t result() const { return pick >= 0 ? pick : last; }
 };
 
+// ---- Sampling controls: top-k and top-p as a floor on the scaled logits; min-p is the barrier
+// (p >= min_p * max p  <=>  s >= m + ln min_p, barrier = -ln min_p); temperature 0 the argmax.
+//
+// top-k and top-p keep the tokens whose scaled logit s is at least a per-row floor f:
+//   top-k: f = the k-th largest s (every token tied with it is kept, as transformers'
+//          TopKLogitsWarper keeps them);
+//   top-p: f = the largest value such that the tokens with s >= f carry at least top_p of the
+//          mass of the tokens top-k kept: the smallest set of most probable tokens that reaches
+//          top_p (transformers' TopPLogitsWarper), ties at its edge included.
+// Both are found without sorting the row (selection on the CPU, bisection over order_key on the
+// GPU). The floor joins the barrier's threshold, thr = max(m - barrier, f), so the allowed set,
+// the rates and the draw all follow from the one predicate is_allowed: like the barrier
+// (SPEC 2.3), a control removes destinations and lambda shrinks with them. The collapse draws
+// from p restricted to the kept tokens, which is transformers' filtered law. In a jump the
+// floor is taken over the whole destination law p (the current token included, then excluded
+// from A); in a draw that excludes a token (the mask), over p without it.
+struct Controls {
+  int64_t top_k = 0;   // 0: off
+  double top_p = 1.0;  // 1: off
+
+  // Whether the controls can remove anything from a row of n candidate tokens.
+  FSDFM_HD bool active(int64_t n) const { return (top_k > 0 && top_k < n) || top_p < 1.0; }
+};
+
+// Order-preserving map of floats to unsigned keys: a < b <=> order_key(a) < order_key(b) for
+// non-NaN floats, -0 and +0 sharing one key (a threshold must compare as the float comparison
+// s >= thr that it stands for). key_value inverts it (-0 comes back as +0).
+FSDFM_HD uint32_t order_key(float s) {
+  uint32_t bits;
+  std::memcpy(&bits, &s, sizeof(bits));
+  if (bits == 0x80000000u) bits = 0u;
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+FSDFM_HD float key_value(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float s;
+  std::memcpy(&s, &bits, sizeof(s));
+  return s;
+}
+
+// Whether (v, x) beats the running argmax (best, arg): larger, or equal with a lower id. arg =
+// kInvalidToken stands for "none yet"; a -inf logit never wins, so a row with nothing finite
+// left keeps kInvalidToken.
+FSDFM_HD bool beats(float v, int64_t x, float best, int64_t arg) {
+  return x >= 0 && (v > best || (v == best && arg >= 0 && x < arg && v > kNegInf));
+}
+
+// temperature = 0 is the T -> 0 limit of p: all mass on the row's argmax a (the lowest id among
+// ties). A jump moves to a with lambda = max(rate_scale, 0) unless a is the current token (then
+// nothing is allowed and the token stays); the collapse takes a (kInvalidToken when nothing is
+// left).
+FSDFM_HD int64_t greedy_result(bool jump, int64_t argmax, int64_t current, float rate_scale,
+                               float h, double u_jump) {
+  if (!jump) return argmax;
+  if (argmax == current || argmax < 0) return current;
+  return u_jump < jump_probability(RowMass{1.0, 1.0}, rate_scale, h) ? argmax : current;
+}
+
 // ---- The fused head: one row's draw over vocabulary tiles that are computed one at a time.
 //
 // A tile's logits are made (a slice of the output product), reduced to the tile's statistics

@@ -648,6 +648,53 @@ void test_head_fold() {
   CHECK_EQ(nan_row.result(false, 3, 1.0f, 1.0f, 0.0), fsdfm::kInvalidToken);
 }
 
+// The order keys of the controls' bisection sort floats as the floats sort (-0 and +0 one key),
+// and key_value inverts them; the argmax order prefers the lowest id and never a -inf logit.
+void test_controls_core() {
+  using fsdfm::beats;
+  using fsdfm::key_value;
+  using fsdfm::order_key;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> v = {-inf, -3e38f, -1.0f, -1e-45f, -0.0f, 0.0f, 1e-45f, 0.5f, 1.0f, 3e38f, inf};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 10.0f);
+  for (int i = 0; i < 2000; ++i) v.push_back(normal(rng));
+  for (float a : v) {
+    CHECK_EQ(key_value(order_key(a)), a == 0.0f ? 0.0f : a);
+    for (int j = 0; j < 16; ++j) {
+      const float b = v[(static_cast<size_t>(j) * 131 + 7) % v.size()];
+      CHECK_EQ(a < b, order_key(a) < order_key(b));
+      CHECK_EQ(a == b, order_key(a) == order_key(b));
+    }
+  }
+  CHECK_EQ(order_key(-0.0f), order_key(0.0f));
+  // A key between two floats' keys stands for the threshold "s >= key_value(key)".
+  const uint32_t mid = order_key(1.0f) - 1u;
+  CHECK(key_value(mid) < 1.0f && key_value(mid) > 0.99999f);
+
+  CHECK(beats(1.0f, 3, -inf, fsdfm::kInvalidToken));
+  CHECK(!beats(-inf, 3, -inf, fsdfm::kInvalidToken));  // a -inf logit never wins
+  CHECK(beats(1.0f, 2, 1.0f, 5));                      // a tie goes to the lower id
+  CHECK(!beats(1.0f, 5, 1.0f, 2));
+  CHECK(!beats(0.5f, 0, 1.0f, 9));
+  CHECK(!beats(1.0f, fsdfm::kInvalidToken, 0.5f, 9));  // "none" never wins
+
+  // temperature 0: the argmax, or a jump to it at rate max(rate_scale, 0).
+  CHECK_EQ(fsdfm::greedy_result(false, 4, -1, 0.0f, 0.0f, 0.9), int64_t{4});
+  CHECK_EQ(fsdfm::greedy_result(true, 4, 4, 10.0f, 1.0f, 0.0), int64_t{4});
+  const double p = 1.0 - std::exp(-0.5 * 2.0);
+  CHECK_EQ(fsdfm::greedy_result(true, 4, 7, 2.0f, 0.5f, p * 0.999), int64_t{4});
+  CHECK_EQ(fsdfm::greedy_result(true, 4, 7, 2.0f, 0.5f, p * 1.001), int64_t{7});
+  CHECK_EQ(fsdfm::greedy_result(true, 4, 7, -2.0f, 0.5f, 0.0), int64_t{7});
+  fsdfm::Controls c;
+  CHECK(!c.active(10));
+  c.top_k = 10;
+  CHECK(!c.active(10));
+  CHECK(c.active(11));
+  c = fsdfm::Controls{0, 0.9};
+  CHECK(c.active(1));
+}
+
 int main() {
   test_philox_kat();
   test_uniform53();
@@ -657,6 +704,7 @@ int main() {
   test_jump();
   test_inverse_cdf();
   test_head_fold();
+  test_controls_core();
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }
