@@ -1,6 +1,7 @@
 """fsdfm: few-step discrete flow-matching text generation (FS-DFM, arXiv 2509.20624).
 
 - :func:`fsdfm.sample`: token sequences from a model in a few steps (the solvers of SPEC 2);
+  :func:`fsdfm.sample_iter` yields the state after every step (streaming, live display);
 - :func:`fsdfm.generate`: the same with a tokenizer, text in and text out;
 - :func:`fsdfm.load` / :func:`fsdfm.save` / :func:`fsdfm.convert`: checkpoints (released ``.pth``
   files, read with ``weights_only=True``; our safetensors directories);
@@ -18,11 +19,12 @@ from fsdfm import checkpoint, metrics, model, ops, path
 from fsdfm.checkpoint import convert, load, save
 from fsdfm.generation import generate
 from fsdfm.model import PRESETS, FSDFMTransformer, ModelConfig, config_from_state_dict
-from fsdfm.solver import sample
+from fsdfm.solver import SampleStep, sample, sample_iter
 from fsdfm.tokenizer import get_tokenizer
 
 __all__ = [
     "PRESETS",
+    "SampleStep",
     "FSDFMTransformer",
     "ModelConfig",
     "checkpoint",
@@ -36,6 +38,7 @@ __all__ = [
     "ops",
     "path",
     "sample",
+    "sample_iter",
     "save",
 ]
 __version__ = "0.1.0"

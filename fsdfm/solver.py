@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -201,8 +202,11 @@ def sample(
         collapse draws from p restricted to the kept tokens. min_p is the barrier -ln(min_p).
     generator: a torch.Generator on the model's device: the same seed gives the same tokens.
     backend: "native" (fsdfm._C), "reference" (the *_ref ops) or "auto" (native when built).
-    return_trajectory: also return the states [steps + 1, B, L] (x_0, then after each step).
+    return_trajectory: also return the states [n + 1, B, L] (x_0, then after each of the n
+        steps taken: ``steps`` unless the callback finished early).
     callback: ``callback(step, t, x)`` after each step (step = 1..steps, t the time reached).
+        Returning True finishes early: the next model call is the last step (the collapse), so
+        the result is a complete sample in fewer calls. Anything else (None) goes on.
     progress: show a tqdm bar.
     device: where to sample for a bare callable (default: the model's parameters, else CPU).
     schedule: the path's schedule (default kappa_t = t).
@@ -215,11 +219,74 @@ def sample(
         fused head makes the row a tile at a time, so top_k, top_p and temperature=0, which
         need the whole row first, take the logits path ("auto") or are refused (True).
     """
+    states = sample_iter(
+        model, steps, batch_size=batch_size, seq_len=seq_len, source=source, solver=solver,
+        prompt=prompt, init=init, edit_mask=edit_mask, temperature=temperature, barrier=barrier,
+        top_k=top_k, top_p=top_p, min_p=min_p, generator=generator, backend=backend,
+        callback=callback, progress=progress, vocab_size=vocab_size, device=device,
+        schedule=schedule, cuda_graph=cuda_graph, fused_head=fused_head,
+    )  # fmt: skip
+    trajectory = [state.x for state in states]
+    if return_trajectory:
+        return trajectory[-1], torch.stack(trajectory)
+    return trajectory[-1]
+
+
+class SampleStep(NamedTuple):
+    """The state of a sampling run after ``step`` of ``steps`` model calls (step 0: the source
+    noise x_0, before any call). ``t`` is the time reached; ``last`` marks the final state, after
+    the collapse."""
+
+    step: int
+    steps: int
+    t: float
+    x: torch.Tensor
+    last: bool
+
+
+def sample_iter(model: Callable, steps: int = 8, **kwargs) -> Iterator[SampleStep]:
+    """:func:`sample` one step at a time: yields a :class:`SampleStep` for x_0 and after every
+    step, the last one (``last=True``) holding the sample, for streaming and live display. Takes
+    the arguments of :func:`sample` but ``return_trajectory``. Every yielded ``x`` is the
+    sampler's own tensor: reading it (``.tolist()``, printing) synchronises with the device, so
+    a loop that only wants the result should call :func:`sample`. Rows that could not be
+    sampled are reported when the iteration ends (a consumer that stops early skips that check).
+    """
+    if "return_trajectory" in kwargs:
+        raise TypeError("sample_iter yields every state: it takes no return_trajectory")
+    return _iterate(_prepare(model, steps, **kwargs))  # checked now, not at the first next()
+
+
+@dataclass
+class _Run:
+    """A checked sampling call (see ``sample``), ready to iterate."""
+
+    model: Callable
+    setup: _Setup
+    draw: ops.Kernels
+    steps: int
+    solver: str
+    schedule: PolynomialSchedule
+    frozen: tuple  # (prompt, init, edit_mask) as given
+    opts: dict
+    callback: Callable | None
+    progress: bool
+    cuda_graph: bool
+
+
+def _prepare(
+    model, steps=8, *, batch_size=1, seq_len=None, source=None, solver="cumulative", prompt=None,
+    init=None, edit_mask=None, temperature=1.0, barrier=math.inf, top_k=None, top_p=None,
+    min_p=None, generator=None, backend="auto", callback=None, progress=False, vocab_size=None,
+    device=None, schedule=None, cuda_graph=False, fused_head="auto",
+) -> _Run:  # fmt: skip
     positive_int(steps, "steps")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     controls = ops.sampling_controls(temperature, barrier, top_k, top_p, min_p)
     schedule = _check_schedule(schedule)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     setup = _resolve_setup(model, batch_size, seq_len, source, vocab_size, device)
     ops.check_generator(generator, setup.device, "sampling runs")
     draw = ops.Kernels(backend, setup.device)
@@ -230,16 +297,11 @@ def sample(
         warnings.warn(
             "fsdfm.sample on CUDA with the reference ops: every step synchronises with the host "
             "(build the CUDA kernels for the native backend)",
-            stacklevel=2,
+            stacklevel=3,
         )
     opts = {"controls": controls, "generator": generator, "fused": fused}
-    # Sampling never needs gradients: without this every step would keep the model's
-    # activations alive for a backward pass that never comes.
-    with torch.no_grad(), _on_device(setup.device):
-        return _run(
-            model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, opts,
-            return_trajectory, callback, progress, cuda_graph,
-        )  # fmt: skip
+    return _Run(model, setup, draw, steps, solver, schedule, (prompt, init, edit_mask), opts,
+                callback, progress, cuda_graph)  # fmt: skip
 
 
 def _check_schedule(schedule):
@@ -278,40 +340,57 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _run(model, setup, draw, steps, solver, schedule, prompt, init, edit_mask, opts,
-         return_trajectory, callback, progress, cuda_graph):  # fmt: skip
-    B, L = setup.batch_size, setup.seq_len
-    generator = opts["generator"]
-    if setup.vocab_size is None:
-        probe = torch.zeros(B, L, dtype=torch.long, device=setup.device)
-        t0 = torch.zeros(B, device=setup.device)
-        V = _logits_of(model, probe, t0, t0 + 1.0 / steps, None, 0).shape[2]
-        setup = _Setup(B, L, V, setup.source, setup.device)
-    init, edit_mask = _frozen_layout(setup, prompt, init, edit_mask)
+def _iterate(run: _Run) -> Iterator[SampleStep]:
+    """The sampling loop (see ``sample_iter``). The work between two yields runs without
+    gradients and on the sampling device, the consumer's code between them in its own modes (a
+    context held across a yield would leak into it). Sampling never needs gradients: without
+    no_grad every step would keep the model's activations alive for a backward pass that never
+    comes."""
+    setup, steps, generator = run.setup, run.steps, run.opts["generator"]
 
-    x = sample_source(
-        setup.source, B, L, setup.vocab_size, device=setup.device, generator=generator
-    )
-    if edit_mask is not None:
-        x = torch.where(edit_mask, x, init)
-    loop = _Loop(model, setup, draw, solver, schedule, steps, edit_mask, opts)
-    trajectory = [x] if return_trajectory else None
-    if cuda_graph and steps > 1:
-        loop.capture(x)
+    def working():
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_on_device(setup.device))
+        return stack
+
+    B, L = setup.batch_size, setup.seq_len
+    with working():
+        if setup.vocab_size is None:
+            probe = torch.zeros(B, L, dtype=torch.long, device=setup.device)
+            t0 = torch.zeros(B, device=setup.device)
+            V = _logits_of(run.model, probe, t0, t0 + 1.0 / steps, None, 0).shape[2]
+            setup = _Setup(B, L, V, setup.source, setup.device)
+        init, edit_mask = _frozen_layout(setup, *run.frozen)
+        x = sample_source(
+            setup.source, B, L, setup.vocab_size, device=setup.device, generator=generator
+        )
+        if edit_mask is not None:
+            x = torch.where(edit_mask, x, init)
+        loop = _Loop(run.model, setup, run.draw, run.solver, run.schedule, steps, edit_mask,
+                     run.opts)  # fmt: skip
+        if run.cuda_graph and steps > 1:
+            loop.capture(x)
     from tqdm.auto import tqdm
 
-    with tqdm(total=steps, desc=f"fsdfm {solver}", unit="step", disable=not progress) as bar:
+    yield SampleStep(0, steps, 0.0, x, False)
+    bar = tqdm(total=steps, desc=f"fsdfm {run.solver}", unit="step", disable=not run.progress)
+    with bar:
+        finish = False
         for k in range(steps):
-            x = loop.step(x, k, last=k == steps - 1)
-            if trajectory is not None:
-                trajectory.append(x)
-            if callback is not None:
-                callback(k + 1, (k + 1) * loop.dt, x)
-            bar.update(1)
+            last = finish or k == steps - 1
+            with working():
+                x = loop.step(x, k, last=last)
+            t = 1.0 if last else (k + 1) * loop.dt
+            bar.update(steps - k if last else 1)
+            if not last and run.callback is not None:
+                finish = run.callback(k + 1, t, x) is True
+            elif last and run.callback is not None:
+                run.callback(k + 1, t, x)
+            yield SampleStep(k + 1, steps, t, x, last)
+            if last:
+                break
     loop.raise_if_invalid()
-    if trajectory is not None:
-        return x, torch.stack(trajectory)
-    return x
 
 
 class _Loop:

@@ -151,6 +151,39 @@ def get_tokenizer(name: str = "gpt2"):
     )
 
 
+class HuggingFaceTokenizer:
+    """A Hugging Face ``transformers`` tokenizer (``PreTrainedTokenizerBase``, e.g. from
+    ``AutoTokenizer``) seen through fsdfm's interface: encode without special tokens (fsdfm
+    adds none), decode as given, ``eos_id`` the tokenizer's ``eos_token_id`` (None when it has
+    none: nothing is then cut at an end of text), ``vocab_size`` its full length (added tokens
+    included)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        self.eos_id = tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
+def as_tokenizer(tokenizer):
+    """fsdfm's tokenizers as they are; a Hugging Face tokenizer (it has ``eos_token_id`` and
+    ``encode`` / ``decode``) wrapped in :class:`HuggingFaceTokenizer`."""
+    if all(hasattr(tokenizer, a) for a in ("encode", "decode", "eos_id")):
+        return tokenizer
+    if all(hasattr(tokenizer, a) for a in ("encode", "decode", "eos_token_id")):
+        return HuggingFaceTokenizer(tokenizer)
+    raise TypeError(
+        "tokenizer must be an fsdfm tokenizer (encode, decode, eos_id) or a Hugging Face one "
+        f"(encode, decode, eos_token_id), got {type(tokenizer).__name__}"
+    )
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -276,3 +276,50 @@ def test_mask_source_moves_only_masked_positions(solver, backend):
     assert bool(revealed[1:].any()), "tokens are revealed along the way"
     assert bool((states[1:][revealed] == states[:-1][revealed]).all()), "a revealed token moved"
     assert bool((states[-1] < V_real).all()), "no mask token at the end"
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: sample_iter, and a callback that finishes early.
+
+
+@pytest.mark.parametrize("source", ["uniform", "mask"])
+def test_sample_iter_yields_every_state(source):
+    """x_0, then the state after each step; the last is the sample of fsdfm.sample with the same
+    seed; between yields the consumer's own grad mode holds."""
+    model = ExactPosterior(Q, source)
+    states = []
+    for state in fsdfm.sample_iter(model, 4, batch_size=8, seq_len=L, source=source,
+                                   generator=torch.Generator().manual_seed(5)):  # fmt: skip
+        assert torch.is_grad_enabled(), "sampling's no_grad leaked into the consumer"
+        states.append(state)
+    assert [s.step for s in states] == [0, 1, 2, 3, 4]
+    assert [s.last for s in states] == [False] * 4 + [True]
+    assert [s.t for s in states] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
+    want = fsdfm.sample(model, 4, batch_size=8, seq_len=L, source=source,
+                        generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert torch.equal(states[-1].x, want)
+    if source == "mask":
+        assert bool((states[0].x == V).all()), "x_0 of the mask source is all mask"
+    with pytest.raises(TypeError, match="return_trajectory"):
+        fsdfm.sample_iter(model, 4, seq_len=L, return_trajectory=True)
+    with pytest.raises(ValueError, match="steps must"):
+        fsdfm.sample_iter(model, 0, seq_len=L)  # checked at the call, not at the first next()
+
+
+def test_callback_finishes_early():
+    """A callback that returns True makes the next model call the last step: a complete sample
+    (no mask left) in fewer calls."""
+    model = ExactPosterior(Q, "mask")
+    seen = []
+
+    def stop_after_two(step, t, x):
+        seen.append(step)
+        return step == 2
+
+    x, trajectory = fsdfm.sample(model, 16, batch_size=8, seq_len=L, source="mask",
+                                 callback=stop_after_two, return_trajectory=True)  # fmt: skip
+    assert seen == [1, 2, 3] and model.calls == 1 + 3, "a vocabulary probe, then three steps"
+    assert trajectory.shape[0] == 4 and torch.equal(trajectory[-1], x)
+    assert bool((x < V).all()), "the early collapse reveals every position"
+    with pytest.raises(TypeError, match="callback must be callable"):
+        fsdfm.sample(model, 2, seq_len=L, source="mask", callback=3)
