@@ -11,8 +11,12 @@ Two formats are read by :func:`load`:
   shapes (:func:`fsdfm.model.config_from_state_dict`);
 - a directory written by :func:`save`: ``model.safetensors`` (no pickle) and ``config.json`` (the
   :class:`~fsdfm.model.ModelConfig` fields, ``tokenizer``, the format version and, from version
-  2, the sha256 of every file of the model, checked on load). A lone ``.safetensors`` file is
-  read like a bare state dict.
+  2, the sha256 of every file of the model, checked on load), with a model card (``README.md``,
+  not checksummed: it is there to be edited). A lone ``.safetensors`` file is read like a bare
+  state dict;
+- a Hugging Face hub id ("owner/name") of a repository holding such a directory, fetched with
+  ``huggingface_hub`` into its cache (which honours ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``;
+  ``local_files_only=True`` never touches the network).
 
 :func:`convert` turns a released file into such a directory.
 """
@@ -43,9 +47,18 @@ from fsdfm._io import (
 )
 from fsdfm.model import GPT2_VOCAB, FSDFMTransformer, ModelConfig, config_from_state_dict
 
-__all__ = ["FORMAT_VERSION", "WEIGHT_CHOICES", "convert", "load", "read_state_dict", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "WEIGHT_CHOICES",
+    "convert",
+    "load",
+    "model_card",
+    "read_state_dict",
+    "save",
+]
 
 FORMAT = "fsdfm"
+CARD_FILE = "README.md"  # the model card: written by save, never checksummed
 FORMAT_VERSION = 2  # 2: config.json records the files' sha256
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -79,11 +92,17 @@ def load(
     dtype: torch.dtype | None = None,
     seq_len: int | None = None,
     source: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
 ) -> FSDFMTransformer:
     """An :class:`~fsdfm.model.FSDFMTransformer` in eval mode from a checkpoint.
 
     path: a released-style ``.pth`` file, a directory written by :func:`save`, a
-        ``.safetensors`` state dict, or "default" (the model bundled in the package).
+        ``.safetensors`` state dict, "default" (the model bundled in the package), or a Hugging
+        Face hub id ("owner/name", when no such local path exists) of a repository that holds a
+        saved directory; ``revision``, ``cache_dir`` and ``local_files_only`` go to
+        ``huggingface_hub.snapshot_download`` (only the model's own files are fetched).
     weights: which model of a ``.pth`` file: "ema" (the student's EMA, the default where
         present), "student", "teacher" or, for a DFM file, "model" (its only model, the default).
         A directory holds one model: None.
@@ -103,6 +122,8 @@ def load(
     if str(path) == "default" and dtype is None and torch.device(device or "cpu").type != "cuda":
         dtype = torch.float32
     path = _default_if_named(path)
+    if not path.exists() and _is_hub_id(str(path)):
+        path = _from_hub(str(path), revision, cache_dir, local_files_only)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     state_dict, config, tokenizer, where = _read(path, weights, seq_len, source)
@@ -123,6 +144,40 @@ def _default_if_named(path) -> Path:
             "pass a model path (see scripts/train_default.sh for how it is made)"
         )
     return DEFAULT_MODEL
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _is_hub_id(name: str) -> bool:
+    """ "owner/name", as the hub spells repository ids (a relative path of two parts that does
+    not exist locally reads the same: it is tried on the hub, and the error says both)."""
+    return _HUB_ID.fullmatch(name) is not None and ".." not in name
+
+
+def _from_hub(repo_id: str, revision, cache_dir, local_files_only: bool) -> Path:
+    """The local snapshot of a hub repository's model files (downloaded unless cached)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, CARD_FILE],
+        )
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{repo_id} is neither a local path nor a hub repository in the local cache, and "
+            f"the hub cannot be reached (offline: {error.__class__.__name__})"
+        ) from None
+    except HfHubHTTPError as error:
+        raise FileNotFoundError(
+            f"{repo_id} is neither a local path nor a hub repository fsdfm can read: {error}"
+        ) from None
+    return Path(folder)
 
 
 def read_state_dict(
@@ -455,11 +510,13 @@ def _bpe_file(name: str | None) -> Path | None:
     return file
 
 
-def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
+def save(model, directory: str | os.PathLike, *, tokenizer=None, card: bool = True) -> Path:
     """Write ``model`` to ``directory`` (created if needed): ``model.safetensors`` (the exact
-    tensors, in their dtypes) and ``config.json`` (the config, ``tokenizer``, the format version
+    tensors, in their dtypes), ``config.json`` (the config, ``tokenizer``, the format version
     and the sha256 of the files, which :func:`load` checks; the config is also in the
-    safetensors metadata). Returns the directory.
+    safetensors metadata) and, with ``card``, a model card ``README.md`` (Hugging Face's
+    front matter, the config, how to load and sample; an existing card is kept). Returns the
+    directory; upload it as a hub repository and ``fsdfm.load("owner/name")`` reads it.
 
     Nothing is lost: the new model is written, fsynced and hashed in a temporary directory
     beside ``directory``, which then replaces it in one atomic step (a new directory is renamed
@@ -496,6 +553,13 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
         "config": json.dumps(config),
     }
 
+    old_card = directory / CARD_FILE
+    card_text = (
+        (old_card.read_text() if old_card.is_file() else model_card(model.config, name))
+        if card
+        else None
+    )
+
     def write_files(stage: Staging, where: Path) -> None:
         """Stage the files in ``where``, config.json last with the others' checksums."""
         if bpe_bytes is not None:
@@ -504,6 +568,8 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
             where / WEIGHTS_FILE, lambda tmp: _save_safetensors(tensors, tmp, metadata)
         )
         files = {target.name: sha256_of(tmp) for tmp, target in stage.staged()}
+        if card_text is not None:
+            stage.write(where / CARD_FILE, lambda f: f.write(card_text.encode()))
         document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -538,6 +604,42 @@ def save(model, directory: str | os.PathLike, *, tokenizer=None) -> Path:
     return directory
 
 
+def model_card(config: ModelConfig, tokenizer: str | None) -> str:
+    """A Hugging Face model card for a saved model: front matter (library, pipeline, tags) and
+    what a reader needs: the config, the tokenizer and how to load and sample."""
+    kind = "FS-DFM student (step-conditioned)" if config.step_conditioned else "DFM teacher"
+    rows = "\n".join(f"| {k} | {v} |" for k, v in config.to_dict().items())
+    return f"""---
+library_name: fsdfm
+pipeline_tag: text-generation
+tags:
+- discrete-flow-matching
+- fs-dfm
+- few-step-generation
+---
+
+# fsdfm model: {kind}
+
+A discrete flow-matching language model in the format of
+[fsdfm](https://arxiv.org/abs/2509.20624) (FS-DFM, few-step discrete flow matching): it writes
+all {config.seq_len} tokens of a sequence at once and refines them in a few steps.
+Tokenizer: `{tokenizer}`. Files: `model.safetensors` (weights), `config.json` (config and
+checksums, checked on load).
+
+```python
+import fsdfm
+
+model = fsdfm.load("path/or/owner-name")  # a local directory or a Hugging Face hub id
+tokenizer = fsdfm.get_tokenizer(model.tokenizer_name)
+print(fsdfm.generate(model, tokenizer, "Once upon a time", steps=8, seed=0)[0])
+```
+
+| config | value |
+|---|---|
+{rows}
+"""
+
+
 def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
     """safetensors' save_file, with its I/O failures (a read-only or full disk) as the OSError
     that every other writer raises, not a SafetensorError."""
@@ -559,7 +661,7 @@ def _only_model_files(directory: Path) -> bool:
     can be replaced as a whole."""
     if not directory.exists():
         return True
-    ours = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE}
+    ours = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE}
     return all(entry.name in ours and entry.is_file() for entry in directory.iterdir())
 
 

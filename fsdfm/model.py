@@ -382,16 +382,34 @@ class FSDFMTransformer(nn.Module):
         self._compiled = None
         self._compiled_hidden = None
 
-    # -- torch.compile ---------------------------------------------------------------------
+    # -- as in Hugging Face models ------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        """Where the weights are (as in Hugging Face models)."""
+        """Where the weights are."""
         return self.vocab_embed.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         """The weights' dtype (the rotary frequencies aside, always float32)."""
         return self.vocab_embed.weight.dtype
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> FSDFMTransformer:
+        """:func:`fsdfm.checkpoint.load`: a saved directory, a released ``.pth``, "default" or a
+        Hugging Face hub id; keyword arguments as there (device, dtype, revision, ...)."""
+        # Imported here: checkpoint builds models, so it sits above this module.
+        from fsdfm.checkpoint import load
+
+        return load(name_or_path, **kwargs)
+
+    def save_pretrained(self, directory, *, tokenizer=None, card: bool = True):
+        """:func:`fsdfm.checkpoint.save`: safetensors weights, config.json with checksums and a
+        model card README.md (kept if the directory has one). Returns the directory."""
+        from fsdfm.checkpoint import save
+
+        return save(self, directory, tokenizer=tokenizer, card=card)
+
+    # -- torch.compile ---------------------------------------------------------------------
 
     def compile(self, **kwargs) -> FSDFMTransformer:
         """Compile the computation with ``torch.compile(**kwargs)`` (e.g. ``mode="max-autotune"``,

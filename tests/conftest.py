@@ -1,3 +1,9 @@
+import os
+
+# Nothing in the tests may download: huggingface_hub (fsdfm.load of a hub id, transformers)
+# reads only its cache. Set before anything imports huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 

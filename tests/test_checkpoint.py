@@ -324,7 +324,7 @@ def test_save_load_round_trip_is_exact(fsdfm_file, tmp_path, x):
     path, _ = fsdfm_file
     model = load(path, seq_len=L)
     out = save(model, tmp_path / "saved", tokenizer="gpt2")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["tokenizer"] == "gpt2" and config["format_version"] == 2
     assert config["files"] == {"model.safetensors": sha256(out / "model.safetensors")}
@@ -338,7 +338,7 @@ def test_save_load_round_trip_is_exact(fsdfm_file, tmp_path, x):
     # Saving again over the directory works, and keeps the tokenizer by default.
     save(back, out)
     assert load(out).tokenizer_name == "gpt2"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_bf16_round_trip(tmp_path):
@@ -458,7 +458,7 @@ def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", boom)  # writing config.json fails
     with pytest.raises(OSError, match="disk full"):
         save(FSDFMTransformer(ModelConfig(**{**SMALL, "n_blocks": 1})), out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "no temporary directory left"
     assert (out / "model.safetensors").read_bytes() == before  # the old model is intact
     load(out)
@@ -635,3 +635,58 @@ def test_save_removes_only_its_own_stale_temporaries(tmp_path):
     save(FSDFMTransformer(ModelConfig(**SMALL)), tmp_path / "model")
     assert all(path.read_text() == "mine" for path in kept)
     assert not stale.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face conventions: save_pretrained / from_pretrained, a model card, hub ids (offline)
+
+
+def _hub_cache(tmp_path, model, repo="fsdfm-tests/tiny") -> Path:
+    """A Hugging Face cache holding ``repo`` at a fake commit, as snapshot_download leaves it."""
+    owner, name = repo.split("/")
+    root = tmp_path / "hub" / f"models--{owner}--{name}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model.save_pretrained(root / "snapshots" / commit, tokenizer="byte")
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    return tmp_path / "hub"
+
+
+def test_save_pretrained_and_from_pretrained(tmp_path):
+    model = FSDFMTransformer(ModelConfig(**{**SMALL, "step_conditioned": True}))
+    out = model.save_pretrained(tmp_path / "m", tokenizer="byte")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: fsdfm\npipeline_tag: text-generation\n")
+    assert "FS-DFM student" in card and "| dim | " in card and "`byte`" in card
+    back = FSDFMTransformer.from_pretrained(out, dtype=torch.bfloat16)
+    assert back.dtype == torch.bfloat16 and back.tokenizer_name == "byte"
+    assert_same_weights(FSDFMTransformer.from_pretrained(out), model.state_dict())
+    # The card is the user's to edit: it is not checksummed, and saving again keeps it.
+    (out / "README.md").write_text("# my notes\n")
+    load(out)
+    model.save_pretrained(out)
+    assert (out / "README.md").read_text() == "# my notes\n"
+    assert not (model.save_pretrained(tmp_path / "bare", card=False) / "README.md").exists()
+
+
+def test_load_hub_id_from_the_cache_offline(tmp_path, monkeypatch):
+    """A hub id is read through huggingface_hub's cache; offline, nothing is downloaded, and a
+    repository that is not cached is named in one line."""
+    from huggingface_hub import constants
+
+    model = FSDFMTransformer(ModelConfig(**SMALL))
+    cache = _hub_cache(tmp_path, model)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local directory of that name
+    back = load("fsdfm-tests/tiny", cache_dir=cache)
+    assert_same_weights(back, model.state_dict())
+    assert back.tokenizer_name == "byte"
+    assert_same_weights(
+        FSDFMTransformer.from_pretrained("fsdfm-tests/tiny", cache_dir=cache, local_files_only=True),
+        model.state_dict(),
+    )
+    with pytest.raises(FileNotFoundError, match="fsdfm-tests/absent is neither a local path"):
+        load("fsdfm-tests/absent", cache_dir=cache)
+    # A local directory of the same name wins over the hub.
+    model.save_pretrained(tmp_path / "fsdfm-tests" / "tiny2")
+    assert load("fsdfm-tests/tiny2").config == model.config
