@@ -319,12 +319,14 @@ def test_missing_path(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The safetensors directory
 
+SAVED_FILES = ["README.md", "config.json", "model.safetensors"]  # a model card, weights, config
+
 
 def test_save_load_round_trip_is_exact(fsdfm_file, tmp_path, x):
     path, _ = fsdfm_file
     model = load(path, seq_len=L)
     out = save(model, tmp_path / "saved", tokenizer="gpt2")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == SAVED_FILES
     config = json.loads((out / "config.json").read_text())
     assert config["tokenizer"] == "gpt2" and config["format_version"] == 2
     assert config["files"] == {"model.safetensors": sha256(out / "model.safetensors")}
@@ -338,7 +340,7 @@ def test_save_load_round_trip_is_exact(fsdfm_file, tmp_path, x):
     # Saving again over the directory works, and keeps the tokenizer by default.
     save(back, out)
     assert load(out).tokenizer_name == "gpt2"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == SAVED_FILES
 
 
 def test_bf16_round_trip(tmp_path):
@@ -458,7 +460,7 @@ def test_failed_save_leaves_no_temporary_files(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", boom)  # writing config.json fails
     with pytest.raises(OSError, match="disk full"):
         save(FSDFMTransformer(ModelConfig(**{**SMALL, "n_blocks": 1})), out)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == SAVED_FILES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "no temporary directory left"
     assert (out / "model.safetensors").read_bytes() == before  # the old model is intact
     load(out)
@@ -682,7 +684,9 @@ def test_load_hub_id_from_the_cache_offline(tmp_path, monkeypatch):
     assert_same_weights(back, model.state_dict())
     assert back.tokenizer_name == "byte"
     assert_same_weights(
-        FSDFMTransformer.from_pretrained("fsdfm-tests/tiny", cache_dir=cache, local_files_only=True),
+        FSDFMTransformer.from_pretrained(
+            "fsdfm-tests/tiny", cache_dir=cache, local_files_only=True
+        ),
         model.state_dict(),
     )
     with pytest.raises(FileNotFoundError, match="fsdfm-tests/absent is neither a local path"):

@@ -74,8 +74,9 @@ def test_max_new_tokens_per_prompt():
     texts = fsdfm.generate(Spelling(40), tok, ["the ", "xyz"], max_new_tokens=5, seed=0)
     assert texts == ["the " + TARGET[4:9].decode(), "xyz" + TARGET[3:8].decode()]
     with pytest.raises(ValueError, match="needs 10 positions, more than the model's seq_len = 8"):
-        model = fsdfm.FSDFMTransformer(fsdfm.ModelConfig(vocab_size=256, dim=16, n_blocks=1,
-                                                         n_heads=1, cond_dim=8, seq_len=8))
+        model = fsdfm.FSDFMTransformer(
+            fsdfm.ModelConfig(vocab_size=256, dim=16, n_blocks=1, n_heads=1, cond_dim=8, seq_len=8)
+        )
         fsdfm.generate(model, tok, "abcd", max_new_tokens=6)
 
 
