@@ -21,7 +21,10 @@ Ctrl-C ends with one line and status 130; anything else is a bug and keeps its t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -59,7 +62,15 @@ WEIGHTS = Option(
     tuple(WEIGHT_CHOICES),
     "which model of a released FS-DFM .pth (default: the EMA student)",
 )
-DEVICE = Option("device", ("cpu", "cuda"), "cpu or cuda (default: cuda when available)")
+
+
+def _device_name(value) -> str | None:
+    return None if re.fullmatch(r"cpu|cuda(:\d+)?", value) else "must be cpu, cuda or cuda:N"
+
+
+DEVICE = Option(
+    "device", str, "cpu, cuda or cuda:N (default: cuda when available)", check=_device_name
+)
 COMPILE = Option(
     "compile",
     bool,
@@ -84,80 +95,154 @@ class Command:
 
 
 def _sample(o: dict) -> None:
+    from rich.console import Console
+
     from fsdfm.checkpoint import load
-    from fsdfm.generation import generate
+    from fsdfm.generation import complete
     from fsdfm.tokenizer import get_tokenizer
 
     device = resolve_device(o["device"], "--device")
-    model = load(o["model"], weights=o["weights"], device=device)
-    if o["compile"]:
-        model.compile(dynamic=False)
+    if o["length"] is not None and o["max_new_tokens"] is not None:
+        raise ValueError("--length and --max-new-tokens: give one or neither")
+    console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    # A model can take a while to load: say so when someone is watching.
+    loading = console.status(f"loading {o['model']} ...") if o["watch"] else _nothing()
+    with loading:
+        model = load(o["model"], weights=o["weights"], device=device, dtype=DTYPES.get(o["dtype"]))
+        if o["compile"]:
+            model.compile(dynamic=False)
     name = o["tokenizer"] or getattr(model, "tokenizer_name", None)
     if name is None:
         raise ValueError(f"{o['model']} names no tokenizer: pass --tokenizer")
     tokenizer = get_tokenizer(name)
-    length = o["length"] or model.config.seq_len
-    if not 1 <= length <= model.config.seq_len:
-        raise ValueError(f"--length must be in [1, {model.config.seq_len}], got {length}")
-    watch = _Watch(tokenizer, o["steps"], o["watch_delay"]) if o["watch"] else None
+    lengths = {"max_new_tokens": o["max_new_tokens"]}
+    if o["max_new_tokens"] is None:
+        length = o["length"] or model.config.seq_len
+        if not 1 <= length <= model.config.seq_len:
+            raise ValueError(f"--length must be in [1, {model.config.seq_len}], got {length}")
+        lengths = {"max_length": length}
+    watch = _Watch(tokenizer, o["watch_delay"], console) if o["watch"] else None
     start = time.perf_counter()
-    texts = generate(
-        model,
-        tokenizer,
-        o["prompt"],
-        steps=o["steps"],
-        max_length=length,
-        num_return_sequences=o["n"],
-        seed=o["seed"],
-        temperature=o["temperature"],
-        top_k=o["top_k"],
-        top_p=o["top_p"],
-        min_p=o["min_p"],
-        barrier=o["barrier"],
-        solver=o["solver"],
-        progress=o["progress"] and not o["watch"],
-        callback=watch,
-    )
+    with watch or _nothing():
+        done = complete(
+            model,
+            tokenizer,
+            o["prompt"],
+            steps=o["steps"],
+            **lengths,
+            num_return_sequences=o["n"],
+            seed=o["seed"],
+            temperature=o["temperature"],
+            top_k=o["top_k"],
+            top_p=o["top_p"],
+            min_p=o["min_p"],
+            barrier=o["barrier"],
+            solver=o["solver"],
+            progress=o["progress"] and not o["watch"],
+            on_step=watch,
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    for i, text in enumerate(texts):
-        if len(texts) > 1:
-            print(f"=== sample {i + 1}")
-        print(text)
-    tokens = o["n"] * length
+    # tokens/s counts sampling only, not the time the watch spent drawing and waiting.
+    seconds = time.perf_counter() - start - (watch.seconds if watch else 0.0)
+    _write_samples(o, done, seconds)
+    positions = sum(len(c.prompt_ids) + len(c.new_ids) for c in done)
+    new = sum(len(c.new_ids) for c in done)
     print(
-        f"{o['n']} x {length} tokens in {o['steps']} steps ({o['solver']}) on {device.type}: "
-        f"{seconds:.2f} s, {tokens / seconds:.0f} tokens/s",
+        f"{o['n']} x {positions // len(done)} tokens in {o['steps']} steps ({o['solver']}) on "
+        f"{device.type}: {seconds:.2f} s, {new} new tokens, {new / seconds:.0f} tokens/s",
         file=sys.stderr,
     )
 
 
+def _write_samples(o: dict, done, seconds: float) -> None:
+    """The texts (or, with --json, one JSON object per sample) on stdout or into --output, which
+    is replaced atomically (a reader sees the old file or the whole new one)."""
+    if o["json"]:
+        lines = [
+            json.dumps({
+                "index": i,
+                "prompt": o["prompt"],
+                "text": c.text,
+                "tokens": c.prompt_ids + c.new_ids,
+                "new_tokens": len(c.new_ids),
+                "seed": o["seed"],
+                "steps": o["steps"],
+                "solver": o["solver"],
+                "seconds": round(seconds, 6),
+            })
+            for i, c in enumerate(done)
+        ]  # fmt: skip
+    else:
+        lines = []
+        for i, c in enumerate(done):
+            if len(done) > 1:
+                lines.append(f"=== sample {i + 1}")
+            lines.append(c.text)
+    text = "".join(line + "\n" for line in lines)
+    if o["output"] is None:
+        sys.stdout.write(text)
+        return
+    from fsdfm._io import atomic_write
+
+    atomic_write(Path(o["output"]), lambda f: f.write(text.encode()))
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
+
+
 class _Watch:
-    """--watch: redraws the first sequence after every step on stderr, the tokens that changed
-    in that step highlighted, so that a person sees the whole text settle in a few steps."""
+    """--watch: the first sequence after every step, the tokens that changed in that step
+    highlighted, so that a person sees the whole text settle in a few steps. Frame 0 is the
+    source noise. On a terminal the frame is redrawn in place (rich's Live); elsewhere each
+    frame is printed in turn. ``seconds`` is the time spent drawing and waiting."""
 
-    def __init__(self, tokenizer, steps: int, delay: float):
-        self.tokenizer, self.steps, self.delay = tokenizer, steps, delay
+    def __init__(self, tokenizer, delay: float, console):
+        from rich.live import Live
+
+        self.tokenizer, self.delay, self.console = tokenizer, delay, console
         self.previous = None
-        self.tty = sys.stderr.isatty()
+        self.seconds = 0.0
+        self.live = Live(console=console, auto_refresh=False) if console.is_terminal else None
 
-    def __call__(self, step: int, t: float, x: torch.Tensor) -> None:
-        tokens = x[0].tolist()
+    def __enter__(self):
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.stop()
+
+    def __call__(self, state) -> None:
+        from rich.console import Group
+        from rich.text import Text
+
+        start = time.perf_counter()
+        tokens = state.x[0].tolist()
         changed = (
-            [True] * len(tokens)
+            [False] * len(tokens)
             if self.previous is None
             else [a != b for a, b in zip(tokens, self.previous, strict=True)]
         )
         self.previous = tokens
-        pieces = []
+        text = Text()
         for token, moved in zip(tokens, changed, strict=True):
-            piece = self.tokenizer.decode([token])
-            pieces.append(f"\x1b[7m{piece}\x1b[0m" if moved and self.tty else piece)
-        clear = "\x1b[2J\x1b[H" if self.tty else "\n"
-        header = f"step {step}/{self.steps}  t = {t:.3f}  {sum(changed)} tokens changed"
-        print(f"{clear}{header}\n\n{''.join(pieces)}", file=sys.stderr, flush=True)
+            # A mask source's mask id is no token of the tokenizer: shown as a blank.
+            piece = "_" if token >= self.tokenizer.vocab_size else self.tokenizer.decode([token])
+            text.append(piece, style="reverse" if moved else "")
+        what = "source noise" if state.step == 0 else f"{sum(changed)} tokens changed"
+        header = Text(f"step {state.step}/{state.steps}  t = {state.t:.3f}  {what}", style="bold")
+        if self.live is not None:
+            self.live.update(Group(header, Text(), text), refresh=True)
+        else:
+            self.console.print(header)
+            self.console.print(text)
+            self.console.print()
         time.sleep(self.delay)
+        self.seconds += time.perf_counter() - start
 
 
 SAMPLE = Command(
@@ -179,6 +264,12 @@ SAMPLE = Command(
             "length",
             int,
             "tokens per sample, prompt included (default: the model's length)",
+            check=positive,
+        ),
+        Option(
+            "max_new_tokens",
+            int,
+            "tokens generated after the prompt (instead of --length)",
             check=positive,
         ),
         Option("n", int, "number of samples (default 1)", default=1, short="-n", check=positive),
@@ -217,7 +308,10 @@ SAMPLE = Command(
             default="cumulative",
         ),
         DEVICE,
+        Option("dtype", tuple(DTYPES), "cast the weights (default: the model's own)"),
         COMPILE,
+        Option("json", bool, "one JSON object per sample (text, tokens, seed, ...)", default=False),
+        Option("output", str, "write the samples to this file (replaced atomically)", short="-o"),
         Option("progress", bool, "show a progress bar over the steps", default=False),
         Option("watch", bool, "show the first text changing step by step (stderr)", default=False),
         Option(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fsdfm._args import check_vocabulary, model_device, positive_int, seeded_generator
-from fsdfm.solver import sample
+from fsdfm.solver import sample, sample_iter
 from fsdfm.tokenizer import as_tokenizer
 
 
@@ -67,9 +67,12 @@ def complete(
     return_full_text: bool = True,
     stop_at_eos: bool = True,
     seed: int | None = None,
+    on_step=None,
     **sample_kwargs,
 ) -> list[Completion]:
-    """:func:`generate` with the token ids of every sequence (:class:`Completion`)."""
+    """:func:`generate` with the token ids of every sequence (:class:`Completion`).
+    ``on_step(state)``, if given, sees every :class:`~fsdfm.solver.SampleStep` of the run, x_0
+    included (live display; see ``fsdfm.sample_iter``)."""
     prompts = [prompt] if prompt is None or isinstance(prompt, str) else list(prompt)
     if not prompts or not all(p is None or isinstance(p, str) for p in prompts):
         raise TypeError("prompt must be a string, a non-empty list of strings, or None")
@@ -112,9 +115,14 @@ def complete(
             raise ValueError("pass seed or generator, not both")
         device = sample_kwargs.get("device") or model_device(model) or "cpu"
         sample_kwargs["generator"] = seeded_generator(seed, device)
-    tokens = sample(
-        model, steps, batch_size=B, seq_len=length, **frozen, **controls, **sample_kwargs
-    ).tolist()
+    kwargs = {"batch_size": B, "seq_len": length, **frozen, **controls, **sample_kwargs}
+    if on_step is None:
+        x = sample(model, steps, **kwargs)
+    else:
+        for state in sample_iter(model, steps, **kwargs):
+            on_step(state)
+            x = state.x
+    tokens = x.tolist()
     out = []
     for ids, prefix in zip(tokens, rows, strict=True):
         continuation = ids[len(prefix) :]

@@ -1,7 +1,10 @@
 """The `fsdfm` command: convert a released-layout file, sample from it, errors as one line."""
 
+import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -70,9 +73,62 @@ def test_watch_shows_every_step(released, tmp_path, capsys):
             "12", "--watch", "--watch-delay", "0"]  # fmt: skip
     assert main(args) == 0
     err = capsys.readouterr().err
+    assert "step 0/3  t = 0.000  source noise" in err, "the first frame is the noise"
     for step in (1, 2, 3):
         assert f"step {step}/3" in err
-    assert "12 tokens changed" in err, "the first frame marks every token"
+
+
+def test_tokens_per_second_never_counts_the_watch(released, tmp_path, capsys, monkeypatch):
+    """The watch's drawing and waiting is not sampling time: a clock that jumps 100 s in every
+    sleep leaves the reported seconds far below the 400 s of four frames."""
+    import fsdfm.cli as cli
+
+    out = tmp_path / "watched"
+    main(["convert", str(released), str(out)])
+    offset = [0.0]
+    real = time.perf_counter
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: real() + offset[0])
+    monkeypatch.setattr(cli.time, "sleep", lambda s: offset.__setitem__(0, offset[0] + 100 * s))
+    args = ["sample", "--model", str(out), "--tokenizer", "byte", "--steps", "3", "--length",
+            "12", "--watch", "--watch-delay", "1"]  # fmt: skip
+    assert main(args) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    seconds = float(re.search(r": ([0-9.]+) s,", summary).group(1))
+    assert seconds < 50, summary
+
+
+def test_sample_for_scripts(released, tmp_path, capsys):
+    """--json gives one object per sample; -o writes the file (stdout stays empty);
+    --max-new-tokens counts after the prompt; --dtype and the controls are taken."""
+    out = tmp_path / "converted"
+    main(["convert", str(released), str(out)])
+    base = ["sample", "hi", "--model", str(out), "--tokenizer", "byte", "--steps", "2",
+            "--seed", "5", "-n", "2"]  # fmt: skip
+    assert main([*base, "--max-new-tokens", "6", "--json", "--top-k", "20", "--dtype", "bf16"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and all(r["new_tokens"] <= 6 for r in rows)
+    assert all(r["tokens"][:2] == list(b"hi") and r["seed"] == 5 for r in rows)
+    assert "2 x 8 tokens in 2 steps" in captured.err
+    target = tmp_path / "samples.jsonl"
+    assert main([*base, "--max-new-tokens", "6", "--json", "--top-k", "20", "--dtype", "bf16",
+                 "-o", str(target)]) == 0  # fmt: skip
+    assert capsys.readouterr().out == ""
+    written = [json.loads(line) for line in target.read_text().splitlines()]
+    for row in rows + written:
+        row.pop("seconds")
+    assert written == rows, "the same seed writes the same samples"
+    assert main([*base, "--temperature", "0", "--min-p", "0.1", "--length", "10"]) == 0
+    assert capsys.readouterr().out.count("=== sample") == 2
+    for argv, message in (
+        (["--length", "8", "--max-new-tokens", "2"], "--length and --max-new-tokens"),
+        (["--device", "cuda:x"], "--device: must be cpu, cuda or cuda:N"),
+        (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+        (["--dtype", "fp8"], "--dtype"),
+        (["--max-new-tokens", "5000"], "more than the model's seq_len = 1024"),
+    ):
+        status, err = main([*base, *argv]), capsys.readouterr().err
+        assert status == 2 and message in err and err.count("\n") == 1, (argv, err)
 
 
 def test_main_job_is_the_bundled_model(capsys, monkeypatch):

@@ -383,7 +383,9 @@ WORDS = {
     "--tokenizer": ["gpt2", "byte", "/nonexistent/tokenizer.json"],
     "--model": ["default", "/nonexistent", "fsdfm"],
     "--weights": ["ema", "student", "bogus"],
-    "--device": ["cpu", "cuda", "tpu"],
+    "--device": ["cpu", "cuda", "tpu", "cuda:1"],
+    "--max-new-tokens": ["3", "0", "x", "100000"],
+    "--dtype": ["bf16", "fp32", "fp8"],
 }
 
 
@@ -394,7 +396,9 @@ WORDS = {
             st.sampled_from(sorted(WORDS)).flatmap(
                 lambda flag: st.sampled_from(WORDS[flag]).map(lambda v: [flag, v])
             ),
-            st.sampled_from([["--stepz"], ["Once upon"], ["--length"], ["--progress"]]).map(list),
+            st.sampled_from(
+                [["--stepz"], ["Once upon"], ["--length"], ["--progress"], ["--json"]]
+            ).map(list),
         ),
         max_size=4,
     )
