@@ -678,3 +678,25 @@ def convert(
     vocabulary); dtype optionally casts the weights. Returns the directory."""
     model = load(src, weights=weights, dtype=dtype)
     return save(model, out_dir, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face's entry points on the model class. They are attached here, not defined in
+# fsdfm.model, because loading and saving sit above the model: the model module never imports
+# this one.
+
+
+def _from_pretrained(cls, name_or_path, **kwargs) -> FSDFMTransformer:
+    """:func:`fsdfm.checkpoint.load`: a saved directory, a released ``.pth``, "default" or a
+    Hugging Face hub id; keyword arguments as there (device, dtype, revision, ...)."""
+    return load(name_or_path, **kwargs)
+
+
+def _save_pretrained(self, directory, *, tokenizer=None, card: bool = True) -> Path:
+    """:func:`fsdfm.checkpoint.save`: safetensors weights, config.json with checksums and a
+    model card README.md (kept if the directory has one). Returns the directory."""
+    return save(self, directory, tokenizer=tokenizer, card=card)
+
+
+FSDFMTransformer.from_pretrained = classmethod(_from_pretrained)
+FSDFMTransformer.save_pretrained = _save_pretrained

@@ -360,7 +360,9 @@ class FSDFMTransformer(nn.Module):
     Attributes: ``config`` (the :class:`ModelConfig`), ``autocast_dtype`` (torch.bfloat16: the
     autocast dtype on CUDA; None runs CUDA in the weights' dtype), ``tokenizer_name`` (set by
     :func:`fsdfm.checkpoint.load`, else None). :meth:`compile` compiles the computation (the checks
-    stay outside the compiled graph).
+    stay outside the compiled graph). ``from_pretrained`` / ``save_pretrained``, Hugging Face's
+    entry points, are :func:`fsdfm.checkpoint.load` / :func:`~fsdfm.checkpoint.save`; the
+    checkpoint module, which sits above this one, attaches them.
     """
 
     def __init__(self, config: ModelConfig):
@@ -392,22 +394,6 @@ class FSDFMTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         """The weights' dtype (the rotary frequencies aside, always float32)."""
         return self.vocab_embed.weight.dtype
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs) -> FSDFMTransformer:
-        """:func:`fsdfm.checkpoint.load`: a saved directory, a released ``.pth``, "default" or a
-        Hugging Face hub id; keyword arguments as there (device, dtype, revision, ...)."""
-        # Imported here: checkpoint builds models, so it sits above this module.
-        from fsdfm.checkpoint import load
-
-        return load(name_or_path, **kwargs)
-
-    def save_pretrained(self, directory, *, tokenizer=None, card: bool = True):
-        """:func:`fsdfm.checkpoint.save`: safetensors weights, config.json with checksums and a
-        model card README.md (kept if the directory has one). Returns the directory."""
-        from fsdfm.checkpoint import save
-
-        return save(self, directory, tokenizer=tokenizer, card=card)
 
     # -- torch.compile ---------------------------------------------------------------------
 

@@ -34,7 +34,11 @@ QUICK_START = (
     ".venv/bin/python -m pytest tests",
 )
 # Commands that CI runs (verbatim, or with --benchmark-disable) rather than this test.
-IN_CI = {*QUICK_START, ".venv/bin/python -m pytest benchmarks"}
+IN_CI = {
+    *QUICK_START,
+    ".venv/bin/python -m pytest tests -m slow",
+    ".venv/bin/python -m pytest benchmarks",
+}
 TINY_TRAINING = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2"]
 # What each command that runs here gets appended, by its first two words.
 SHRINK = {
@@ -116,6 +120,7 @@ def run(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.Compl
     return result
 
 
+@pytest.mark.slow
 def test_readme_bash_commands_run(workdir):
     for command in bash_commands():
         if command in IN_CI:

@@ -388,6 +388,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(corpus, tmp_path):
     options = {"steps": 5, "batch_size": 8, "dropout": 0.0, "eval_every": 5, "save_every": 5}
     single = train(tiny(corpus, tmp_path / "one", **options))
@@ -416,6 +417,7 @@ def test_two_processes_match_one(corpus, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_leaves_a_loadable_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
     flags = {
