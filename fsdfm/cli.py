@@ -50,6 +50,7 @@ from fsdfm.options import (
 from fsdfm.solver import SOLVERS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LONG_SAMPLING = 64  # steps from which fsdfm sample shows its progress by itself
 
 MODEL = Option(
     "model",
@@ -138,7 +139,8 @@ def _sample(o: dict) -> None:
             min_p=o["min_p"],
             barrier=o["barrier"],
             solver=o["solver"],
-            progress=o["progress"] and not o["watch"],
+            # A long run (the 1,024-step baseline) shows its progress unless asked not to.
+            progress=not o["watch"] and (o["progress"] or o["steps"] >= LONG_SAMPLING),
             on_step=watch,
         )
     if device.type == "cuda":
@@ -312,7 +314,13 @@ SAMPLE = Command(
         COMPILE,
         Option("json", bool, "one JSON object per sample (text, tokens, seed, ...)", default=False),
         Option("output", str, "write the samples to this file (replaced atomically)", short="-o"),
-        Option("progress", bool, "show a progress bar over the steps", default=False),
+        Option(
+            "progress",
+            bool,
+            f"show progress over the steps (always from {LONG_SAMPLING} steps on): a bar on a "
+            "terminal, plain lines elsewhere",
+            default=False,
+        ),
         Option("watch", bool, "show the first text changing step by step (stderr)", default=False),
         Option(
             "watch_delay", float, "seconds between frames (0.4)", default=0.4, check=non_negative

@@ -25,6 +25,7 @@ from fsdfm._args import (
     seeded_generator,
 )
 from fsdfm.metrics import generative_perplexity, load_scorer, unigram_entropy
+from fsdfm.progress import Progress
 from fsdfm.solver import SOLVERS
 from fsdfm.solver import sample as fsdfm_sample
 
@@ -88,17 +89,12 @@ def sweep(
         raise ValueError(f"metric names {sorted(clash)} clash with the standard columns")
     _check_scorer_vocabularies(models, metric_fns)
     plan = [(name, solver, k) for name in models for solver in per_model[name] for k in steps]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        # Weighted by model calls, so that the bar's rate and time left are meaningful.
-        bar = tqdm(total=sum(k for *_, k in plan), desc="fsdfm eval", unit="NFE")
+    # Weighted by model calls, so that the rate and the time left are meaningful.
+    bar = Progress(sum(k for *_, k in plan), "fsdfm eval", unit="NFE", enabled=progress)
     rows = []
     try:
         for name, solver, k in plan:
-            if bar is not None:
-                bar.set_postfix_str(f"{name} {solver} {k} steps")
+            bar.note(model=name, solver=solver, steps=k)
             tokens, seconds = _draw(
                 models[name], solver, k, n_samples, batch_size, seed, sample_kwargs, device
             )
@@ -114,11 +110,9 @@ def sweep(
             rows.append(row)
             if on_samples is not None:
                 on_samples(row, tokens)
-            if bar is not None:
-                bar.update(k)
+            bar.update(k)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return rows
 
 

@@ -34,6 +34,7 @@ import torch
 from fsdfm import head, ops, path
 from fsdfm._args import model_device, positive_int, resolve_device
 from fsdfm.path import PolynomialSchedule, check_source, sample_source
+from fsdfm.progress import Progress
 
 SOLVERS = ("cumulative", "euler", "dfm")
 
@@ -207,7 +208,7 @@ def sample(
     callback: ``callback(step, t, x)`` after each step (step = 1..steps, t the time reached).
         Returning True finishes early: the next model call is the last step (the collapse), so
         the result is a complete sample in fewer calls. Anything else (None) goes on.
-    progress: show a tqdm bar.
+    progress: show progress on stderr (a bar on a terminal, plain lines elsewhere).
     device: where to sample for a bare callable (default: the model's parameters, else CPU).
     schedule: the path's schedule (default kappa_t = t).
     cuda_graph: on CUDA with the native backend, capture one step in a CUDA graph and replay it
@@ -371,11 +372,8 @@ def _iterate(run: _Run) -> Iterator[SampleStep]:
                      run.opts)  # fmt: skip
         if run.cuda_graph and steps > 1:
             loop.capture(x)
-    from tqdm.auto import tqdm
-
     yield SampleStep(0, steps, 0.0, x, False)
-    bar = tqdm(total=steps, desc=f"fsdfm {run.solver}", unit="step", disable=not run.progress)
-    with bar:
+    with Progress(steps, f"fsdfm {run.solver}", enabled=run.progress) as bar:
         finish = False
         for k in range(steps):
             last = finish or k == steps - 1

@@ -32,16 +32,22 @@ MODES = ("pretrain", "distill")
 LOSSES = ("ce", "gkl")
 TOKENIZERS = ("gpt2", "byte")
 # Keys that may change between a run and its resumption (they do not change what is computed).
-MUTABLE_KEYS = frozenset({"save_every", "eval_every", "log_every", "stop_at", "device"})
+# grad_accum splits each step's batch into passes: the same batch, so the same losses.
+MUTABLE_KEYS = frozenset(
+    {"save_every", "eval_every", "log_every", "stop_at", "device", "grad_accum"}
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of a run; None means "resolve a default" (see :func:`fsdfm.training.train`).
 
-    batch_size is global (all processes together); steps is the length of the LR schedule;
-    stop_at stops (and saves) after that step without changing the schedule; eval_every = 0
-    never evaluates; grid (distillation) is 1 / the smallest step size, a power of two."""
+    batch_size is global (all processes together), the batch of one optimizer step; grad_accum
+    splits each process's rows into that many passes whose gradients add up (the same losses
+    as the whole batch at once, in less memory); steps is the length of the LR schedule (a
+    finished run resumed with a larger steps continues, the schedule recomputed); stop_at
+    stops (and saves) after that step without changing the schedule; eval_every = 0 never
+    evaluates; grid (distillation) is 1 / the smallest step size, a power of two."""
 
     mode: str = "pretrain"
     data: str | None = None
@@ -55,6 +61,7 @@ class TrainConfig:
     source: str | None = None
     loss: str | None = None
     batch_size: int = 32
+    grad_accum: int = 1
     steps: int = 10000
     lr: float | None = None
     min_lr_ratio: float = 0.1
@@ -105,7 +112,16 @@ _TABLE = [
     _option("source", SOURCES, "uniform (default) or mask; distill: the teacher's"),
     _option("loss", LOSSES, "data loss: ce (pretrain default) or gkl (distill default)"),
     _option("batch_size", int, "global batch, sequences per step over all processes (32)"),
-    _option("steps", int, "optimizer steps, the length of the LR schedule (10000)"),
+    _option(
+        "grad_accum",
+        int,
+        "passes per step that split the batch: the same step in less memory (1)",
+    ),
+    _option(
+        "steps",
+        int,
+        "optimizer steps, the length of the LR schedule (10000); a larger value extends a run",
+    ),
     _option("lr", float, "peak learning rate (3e-4 pretrain, 1e-5 distill)"),
     _option("min_lr_ratio", float, "the cosine ends at this fraction of lr (0.1)"),
     _option("warmup", int, "linear warm-up steps (default min(10000, steps // 10))"),
@@ -184,7 +200,8 @@ def check_config(c: TrainConfig) -> None:
         raise ValueError("no output directory: pass --out DIR")
     if c.mode == "distill" and c.teacher is None:
         raise ValueError("fsdfm distill needs --teacher (the pre-trained DFM model)")
-    positive = ("batch_size", "steps", "seq_len", "save_every", "log_every", "val_batches")
+    positive = ("batch_size", "grad_accum", "steps", "seq_len", "save_every", "log_every",
+                "val_batches")  # fmt: skip
     for key in (*positive, "stop_at"):
         value = getattr(c, key)
         if value is not None and value < 1:

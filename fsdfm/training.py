@@ -54,6 +54,7 @@ writes files; logged losses are averaged over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -74,6 +75,7 @@ from fsdfm.losses import cross_entropy, forward_kl, generalized_kl
 from fsdfm.model import FSDFMTransformer, ModelConfig
 from fsdfm.optim import learning_rate
 from fsdfm.path import MixturePath, sample_source
+from fsdfm.progress import Progress
 from fsdfm.tokenizer import get_tokenizer
 from fsdfm.train_config import (
     MUTABLE_KEYS,
@@ -205,6 +207,7 @@ class _Run:
 
         teacher = load(config.teacher) if config.mode == "distill" else None
         config = self._resolve_paths(config)
+        self.given_warmup = config.warmup  # None: derived from steps (see _resume_or_start)
         stream, tokenizer = self._open_data(config, teacher)
         self.config = config = self._resolve(config, teacher, stream.tokenizer)
         self.tokenizer_name = stream.tokenizer
@@ -212,6 +215,12 @@ class _Run:
         self.blocks = Blocks(stream, config.seq_len, config.val_fraction)
         self.sampler = BlockSampler(self.blocks.n_train, config.batch_size, config.seed)
         self.rows = rank_rows(config.batch_size, procs.rank, procs.world)
+        share = self.rows.stop - self.rows.start
+        if config.grad_accum > share:
+            raise ValueError(
+                f"grad_accum = {config.grad_accum} exceeds the {share} sequences per process "
+                f"of a batch of {config.batch_size}"
+            )
 
         torch.manual_seed(derive_seed(config.seed, "init"))
         model = self._build_model(config, teacher, tokenizer.vocab_size)
@@ -335,6 +344,19 @@ class _Run:
         state, self.state_sha = _read_state(state_path)
         old, new = state["config"], self.config.to_dict()
         changed = [k for k in new if k not in MUTABLE_KEYS and old.get(k) != new[k]]
+        extended = "steps" in changed and isinstance(state["step"], int)
+        if extended:
+            # A longer (or shorter, not below the step reached) schedule continues the run. A
+            # warm-up derived from steps keeps the run's own: it has happened.
+            if new["steps"] < state["step"]:
+                raise ValueError(
+                    f"--steps {new['steps']} is below step {state['step']}, which {self.out} "
+                    "has reached"
+                )
+            changed.remove("steps")
+            if "warmup" in changed and self.given_warmup is None:
+                changed.remove("warmup")
+                self.config = self.config.replace(warmup=old["warmup"])
         if changed:
             what = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
             raise ValueError(
@@ -366,6 +388,22 @@ class _Run:
         if self.procs.main:
             self._write_config()
             self._truncate_metrics()
+            if extended:
+                self._say_extended(old, state["step"])
+
+    def _say_extended(self, old: dict, step: int) -> None:
+        c = self.config
+
+        def lr_at(steps: int) -> float:
+            return learning_rate(step, lr=c.lr, steps=steps, warmup=c.warmup,
+                                 min_lr_ratio=c.min_lr_ratio)  # fmt: skip
+
+        print(
+            f"fsdfm {c.mode}: --steps {old['steps']} -> {c.steps}: continuing at step {step} "
+            f"with the learning-rate schedule recomputed for {c.steps} steps (lr "
+            f"{lr_at(old['steps']):.3g} -> {lr_at(c.steps):.3g})",
+            file=sys.stderr,
+        )
 
     def _write_config(self) -> None:
         import yaml
@@ -445,43 +483,49 @@ class _Run:
             return cross_entropy(logits, x_1).mean(-1)
         return generalized_kl(logits, x_1, x_t, t, self.schedule).mean(-1)
 
-    def _pretrain_loss(self, x_1: Tensor) -> tuple[Tensor, Tensor]:
-        """(loss, stats [6]) on this rank's rows of the global batch x_1 [B, L]."""
-        B = x_1.shape[0]
-        t = torch.rand(B, generator=self.noise_cpu).to(self.device, non_blocking=True)
-        x_t = self._noisy(x_1, t, self.noise_device)
-        r = self.rows
-        per_seq = self._data_loss(self.wrapped(x_t[r], t[r]), x_1[r], x_t[r], t[r])
+    def _pretrain_batch(self, x_1: Tensor) -> dict:
+        """The step's noise for the whole global batch x_1 [B, L]: times t and noisy x_t."""
+        t = torch.rand(x_1.shape[0], generator=self.noise_cpu).to(self.device, non_blocking=True)
+        return {"x_1": x_1, "t": t, "x_t": self._noisy(x_1, t, self.noise_device)}
+
+    def _pretrain_loss(self, batch: dict, rows: slice, n: int) -> tuple[Tensor, Tensor]:
+        """(loss, stats [6]) of ``rows`` of the batch, the loss divided by n (the process's
+        row count: the passes of a step add up to its mean)."""
+        x_1, t, x_t = batch["x_1"][rows], batch["t"][rows], batch["x_t"][rows]
+        per_seq = self._data_loss(self.wrapped(x_t, t), x_1, x_t, t)
         total = per_seq.sum()
         zero = total.new_zeros(())
-        n = float(per_seq.shape[0])
-        stats = torch.stack([total, total.new_tensor(n), total, total.new_tensor(n), zero, zero])
+        count = total.new_tensor(float(per_seq.shape[0]))
+        stats = torch.stack([total, count, total, count, zero, zero])
         return total / n, stats.detach()
 
-    def _distill_loss(self, x_1: Tensor) -> tuple[Tensor, Tensor]:
-        """(loss, stats [6]): data rows (h = 1/grid) first with the data loss, then the distilled
-        rows with KL(shortcut teacher || student)."""
-        B = x_1.shape[0]
-        h, t = sample_step_sizes(B, self.config.grid, self.noise_cpu)  # CPU: no device sync
+    def _distill_batch(self, x_1: Tensor) -> dict:
+        """The step's draws for the whole global batch: step sizes h, times t (CPU float64,
+        no device sync) and noisy x_t."""
+        h, t = sample_step_sizes(x_1.shape[0], self.config.grid, self.noise_cpu)
         x_t = self._noisy(x_1, t.float().to(self.device, non_blocking=True), self.noise_device)
-        r = self.rows
-        h, t = h[r], t[r]
+        return {"x_1": x_1, "t": t, "h": h, "x_t": x_t}
+
+    def _distill_loss(self, batch: dict, rows: slice, n: int) -> tuple[Tensor, Tensor]:
+        """(loss, stats [6]) of ``rows``: data rows (h = 1/grid) first with the data loss, then
+        the distilled rows with KL(shortcut teacher || student); the loss divided by n."""
+        h, t = batch["h"][rows], batch["t"][rows]
         is_distilled = h > 1.0 / self.config.grid
         order = torch.argsort(is_distilled.to(torch.uint8), stable=True)
         n_data = int((~is_distilled).sum())
         h, t = h[order], t[order]
         order = order.to(self.device, non_blocking=True)
-        x_t, x_1 = x_t[r][order], x_1[r][order]
+        x_t, x_1 = batch["x_t"][rows][order], batch["x_1"][rows][order]
         t32 = t.float().to(self.device, non_blocking=True)
         logits = self.wrapped(x_t, t32, h.float().to(self.device, non_blocking=True))
-        n = logits.shape[0]
+        m = logits.shape[0]
         zero = logits.new_zeros(())
         data_sum = distill_sum = zero
         if n_data:
             d = slice(0, n_data)
             data_sum = self._data_loss(logits[d], x_1[d], x_t[d], t32[d]).sum()
-        if n_data < n:
-            s = slice(n_data, n)
+        if n_data < m:
+            s = slice(n_data, m)
             target = shortcut_teacher(
                 self.ema,
                 x_t[s],
@@ -495,16 +539,17 @@ class _Run:
             del target
         total = data_sum + distill_sum
         stats = torch.stack(
-            [
-                total,
-                zero + n,
-                data_sum,
-                zero + n_data,
-                distill_sum,
-                zero + (n - n_data),
-            ]
+            [total, zero + m, data_sum, zero + n_data, distill_sum, zero + (m - n_data)]
         )
         return total / n, stats.detach()
+
+    def _passes(self) -> list[slice]:
+        """This process's rows of the batch in grad_accum consecutive parts (sizes differing
+        by at most one)."""
+        start, stop = self.rows.start, self.rows.stop
+        k = self.config.grad_accum
+        bounds = [start + (stop - start) * i // k for i in range(k + 1)]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def _train_step(self) -> tuple[Tensor, Tensor | None]:
         c = self.config
@@ -515,10 +560,20 @@ class _Run:
             group["lr"] = lr
         self._seed_step(self.step)
         x_1 = self.blocks.get(self.sampler.next_batch(), self.device)
-        objective = self._distill_loss if c.mode == "distill" else self._pretrain_loss
-        loss, stats = objective(x_1)
+        distill = c.mode == "distill"
+        batch = self._distill_batch(x_1) if distill else self._pretrain_batch(x_1)
+        objective = self._distill_loss if distill else self._pretrain_loss
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        passes = self._passes()
+        n = self.rows.stop - self.rows.start
+        stats = None
+        for i, rows in enumerate(passes):
+            # Across processes the gradients are averaged once, in the step's last pass.
+            sync = i == len(passes) - 1 or not hasattr(self.wrapped, "no_sync")
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                loss, part = objective(batch, rows, n)
+                loss.backward()
+            stats = part if stats is None else stats + part
         grad_norm = None
         if c.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -571,16 +626,7 @@ class _Run:
                 f"{c.seq_len} tokens, {procs.world} process(es) on {self.device.type}",
                 file=sys.stderr,
             )
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=end,
-            initial=self.step,
-            unit="step",
-            desc=f"fsdfm {c.mode}",
-            disable=None if procs.main else True,
-            dynamic_ncols=True,
-        )
+        bar = Progress(end, f"fsdfm {c.mode}", initial=self.step, enabled=procs.main)
         metrics = open(self.out / "metrics.jsonl", "a") if procs.main else None
         timer, timed_steps = time.perf_counter(), 0
         try:
@@ -605,9 +651,10 @@ class _Run:
                     if metrics is not None:
                         metrics.write(json.dumps(record, allow_nan=False) + "\n")
                         metrics.flush()
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}"
-                    )
+                    shown = {"loss": f"{record['loss']:.4f}"}
+                    if "val_loss" in record:
+                        shown["val_loss"] = f"{record['val_loss']:.4f}"
+                    bar.note(**shown, tokens_per_s=f"{record['tokens_per_s']:,.0f}")
                     timer, timed_steps = time.perf_counter(), 0
                 if self.step % c.save_every == 0 or self.step == end:
                     self._stop_if_diverged()

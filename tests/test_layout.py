@@ -10,7 +10,7 @@ PACKAGE = ROOT / "fsdfm"
 # Layer of each module; a module may import only modules of a strictly lower layer (a module of
 # fsdfm.corpus only from the corpus or below).
 LAYERS = {
-    "_args": 0, "_io": 0, "options": 0,
+    "_args": 0, "_io": 0, "options": 0, "progress": 0,
     "path": 1, "ops": 1, "tokenizer": 1, "corpus": 1,
     "model": 2, "head": 2,
     "checkpoint": 3, "data": 3,

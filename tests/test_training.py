@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -666,3 +667,66 @@ def test_a_damaged_state_is_refused_in_one_line_naming_it(corpus, tmp_path, caps
     manifest.write_bytes(good_manifest)
     train(tiny(corpus, out, stop_at=3, **flags))  # and the intact state resumes
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training as people run it: gradient accumulation, extending a finished run, progress lines
+
+
+def test_grad_accum_gives_the_losses_of_the_whole_batch(corpus, tmp_path):
+    """--grad-accum N splits each step's batch into N passes: without dropout (whose masks
+    are drawn per pass) the losses and weights are those of the whole batch at once, up to
+    float summation order."""
+    kw = {"steps": 4, "batch_size": 8, "dropout": 0.0, "eval_every": 0, "save_every": 4}
+    whole = train(tiny(corpus, tmp_path / "whole", **kw))
+    parts = train(tiny(corpus, tmp_path / "parts", grad_accum=3, **kw))  # 3 + 3 + 2 rows
+    for a, b in zip(metrics(whole), metrics(parts), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wa, wb = (fsdfm.load(p / "model").state_dict() for p in (whole, parts))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum = 9 exceeds the 8 sequences per process"):
+        train(tiny(corpus, tmp_path / "bad", grad_accum=9, **kw))
+
+
+def test_grad_accum_in_distillation(corpus, teacher_dir, tmp_path):
+    out = train(tiny(corpus, tmp_path / "d", mode="distill", teacher=str(teacher_dir), grid=8,
+                     steps=3, grad_accum=2, eval_every=0, save_every=3))  # fmt: skip
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in rows)
+
+
+def test_extending_a_finished_run(corpus, tmp_path, capsys):
+    """A finished run given a larger --steps continues from where it stopped, the schedule
+    recomputed (said in one line) and the derived warm-up kept; the result is the run's first
+    steps followed by the new ones. A --steps below the step reached, or another changed
+    option, is refused with the reason."""
+    out = tmp_path / "run"
+    train(tiny(corpus, out, steps=6, eval_every=0, save_every=3))
+    import yaml
+
+    warmup = yaml.safe_load((out / "config.yaml").read_text())["warmup"]
+    capsys.readouterr()
+    train(tiny(corpus, out, steps=10, eval_every=0, save_every=3))
+    err = capsys.readouterr().err
+    assert "--steps 6 -> 10: continuing at step 6 with the learning-rate schedule recomputed" in err
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == list(range(1, 11))
+    lr7 = learning_rate(6, lr=1e-3, steps=10, warmup=warmup, min_lr_ratio=0.1)
+    assert rows[6]["lr"] == pytest.approx(lr7)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["steps"] == 10 and saved["warmup"] == warmup
+    with pytest.raises(ValueError, match="--steps 4 is below step 10"):
+        train(tiny(corpus, out, steps=4))
+    with pytest.raises(ValueError, match=r"another configuration \(lr: 0.001 -> 0.002\)"):
+        train(tiny(corpus, out, steps=12, lr=2e-3))
+
+
+def test_plain_progress_lines_when_stderr_is_no_terminal(corpus, tmp_path, capsys):
+    train(tiny(corpus, tmp_path / "run", steps=3, eval_every=0, save_every=3))
+    lines = [
+        x for x in capsys.readouterr().err.splitlines() if re.match(r"fsdfm pretrain: step \d+/", x)
+    ]
+    assert len(lines) == 3 and lines[-1].startswith("fsdfm pretrain: step 3/3 (100%), loss ")
+    assert all(" tokens/s, " in x and ", ETA " in x for x in lines), lines
