@@ -34,7 +34,7 @@ __all__ = ["STEPS", "gen_ppl_metric", "markdown_table", "sweep", "write_results"
 STEPS = tuple(2**k for k in range(11))  # 1, 2, 4, ..., 1024
 # Columns every row has, in this order; the metric columns come after them.
 BASE_COLUMNS = ("model", "solver", "steps", "nfe", "n")
-TAIL_COLUMNS = ("entropy", "seconds")
+TAIL_COLUMNS = ("entropy", "entropy_se", "seconds")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +70,9 @@ def sweep(
     sample_kwargs: passed to :func:`fsdfm.sample` (seq_len, source, temperature ...).
     on_samples: ``on_samples(row, tokens)`` after each configuration, to keep or plot samples.
     Returns one dict per configuration: model, solver, steps, nfe (model calls: one per step),
-    n, the metrics, entropy, seconds (sampling only, not scoring).
+    n, the metrics, entropy and its standard error over the samples (entropy_se), seconds
+    (sampling only, not scoring). A metric may add ``<name>_se`` columns: the plots draw them as
+    error bars.
     """
     positive_int(n_samples, "n_samples")
     positive_int(batch_size, "batch_size")
@@ -105,7 +107,9 @@ def sweep(
                     row.update({key: float(v) for key, v in value.items()})
                 else:
                     row[metric] = float(value)
-            row["entropy"] = float(unigram_entropy(tokens).mean())
+            entropy = unigram_entropy(tokens).double()
+            row["entropy"] = float(entropy.mean())
+            row["entropy_se"] = _standard_error(entropy)
             row["seconds"] = seconds
             rows.append(row)
             if on_samples is not None:
@@ -204,7 +208,23 @@ def write_results(
     return paths
 
 
+def _standard_error(values: torch.Tensor) -> float:
+    """The standard error of the mean of per-sample values (0 for a single sample)."""
+    n = values.numel()
+    return float(values.double().std() / math.sqrt(n)) if n > 1 else 0.0
+
+
+def baseline_row(rows: Sequence[dict]) -> dict | None:
+    """The reference the plots draw as a line: the "dfm" row with the most steps (the
+    1,024-step DFM baseline of a full sweep), or None without DFM rows."""
+    dfm = [r for r in rows if r["solver"] == "dfm"]
+    return max(dfm, key=lambda r: r["steps"]) if dfm else None
+
+
 def _plot(rows, path: Path, quality: str | None, title: str | None, lower_is_better: bool):
+    """Quality and entropy against the steps (log axis), one line per model and solver, with
+    error bars where the rows carry ``<key>_se``; the DFM baseline (:func:`baseline_row`) as a
+    dashed line, and on the quality panel the band within 10% of it (the paper's target)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -215,17 +235,30 @@ def _plot(rows, path: Path, quality: str | None, title: str | None, lower_is_bet
     lines: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         lines.setdefault((row["model"], row["solver"]), []).append(row)
+    base = baseline_row(rows)
     for ax, key in zip(axes[0], panels, strict=True):
         for (model, solver), group in lines.items():
             group = sorted((r for r in group if r.get(key) is not None), key=lambda r: r["steps"])
             if group:
-                ax.plot(
+                errors = [r.get(f"{key}_se") for r in group]
+                ax.errorbar(
                     [r["steps"] for r in group],
                     [r[key] for r in group],
+                    yerr=errors if all(e is not None for e in errors) else None,
                     marker="o",
                     markersize=3,
+                    capsize=2,
                     label=f"{model} ({solver})",
                 )
+        if base is not None and base.get(key) is not None:
+            value = base[key]
+            ax.axhline(value, color="k", linestyle="--", linewidth=0.8,
+                       label=f"{base['model']} dfm, {base['steps']} steps")  # fmt: skip
+            if key == quality:
+                ax.axhspan(0.9 * value, 1.1 * value, color="gray", alpha=0.15, label="±10%")
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and r[key] > 0]
+        if key == quality and values and max(values) > 10 * min(values):
+            ax.set_yscale("log")  # a range this wide would flatten the band around the baseline
         ax.set_xscale("log", base=2)
         ax.set_xlabel("steps (NFE)")
         better = "lower" if lower_is_better else "higher"
@@ -245,7 +278,8 @@ def _plot(rows, path: Path, quality: str | None, title: str | None, lower_is_bet
 
 def gen_ppl_metric(scorer, *, batch_size: int = 16, device=None) -> Callable:
     """A :func:`sweep` metric: tokens [n, L] -> {"gen_ppl": the mean over samples of
-    generative perplexity under ``scorer``, "gen_ppl_corpus": the pooled one}; ``scorer`` as
+    generative perplexity under ``scorer``, "gen_ppl_se": its standard error, "gen_ppl_corpus":
+    the pooled one}; ``scorer`` as
     :func:`fsdfm.metrics.generative_perplexity` takes it, loaded here once if a name. The
     metric's ``vocab_size`` is the scorer's, which :func:`sweep` compares with each model's."""
     device = resolve_device(device)
@@ -254,7 +288,11 @@ def gen_ppl_metric(scorer, *, batch_size: int = 16, device=None) -> Callable:
 
     def metric(tokens: torch.Tensor) -> dict[str, float]:
         result = generative_perplexity(tokens, scorer, batch_size=batch_size, device=device)
-        return {"gen_ppl": result["mean"], "gen_ppl_corpus": result["corpus"]}
+        return {
+            "gen_ppl": result["mean"],
+            "gen_ppl_se": _standard_error(result["per_sample"]),
+            "gen_ppl_corpus": result["corpus"],
+        }
 
     metric.vocab_size = getattr(getattr(scorer, "config", None), "vocab_size", None)
     metric.scorer_name = name

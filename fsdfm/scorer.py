@@ -13,6 +13,7 @@ import torch
 from fsdfm._args import resolve_device
 from fsdfm.data import Blocks, BlockSampler, prepare_tokens
 from fsdfm.optim import learning_rate
+from fsdfm.progress import Progress
 from fsdfm.tokenizer import get_tokenizer
 
 __all__ = ["train_scorer"]
@@ -68,11 +69,8 @@ def train_scorer(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     sampler = BlockSampler(blocks.n_train, batch_size, seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="scorer", unit="step")
+    bar = Progress(steps, "scorer", enabled=progress)
+    every = max(1, steps // 50)  # a loss on the bar, or a plain line, every 2% of the run
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -83,11 +81,10 @@ def train_scorer(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            bar.note(loss=f"{loss.item():.3f}")
+    bar.close()
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():

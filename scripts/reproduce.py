@@ -6,6 +6,7 @@
     python scripts/reproduce.py oracle --source uniform  # the checkerboard's exact denoiser
     python scripts/reproduce.py --threads 2 text --run runs/default  # the bundled model, real text
     python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
+    python scripts/reproduce.py figures    # docs/figures redrawn from the JSON kept there
 
 Each problem: write the training set as a token file, pre-train a DFM teacher and distil an
 FS-DFM student with :func:`fsdfm.training.train` (the code behind ``fsdfm pretrain`` /
@@ -37,6 +38,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -398,6 +400,26 @@ def replot(args) -> None:
         print(f"rewrote {paths['md']} and {figures / f'{tag}.png'}", file=sys.stderr)
 
 
+# The figures of docs/results.md whose sweeps are kept as JSON there: name -> (quality, title).
+FIGURE_SWEEPS = {
+    "default-text": ("gen_ppl", "the bundled model: generative perplexity against steps"),
+    "markov1-uniform": ("nll", "order-1 Markov chain (V = 256, L = 128): exact NLL against steps"),
+}
+
+
+def replot_figures(args) -> None:
+    """Redraw the figures of docs/results.md from the sweeps kept beside them
+    (``docs/figures/NAME.json``): the same rows, today's plot (the DFM baseline as a line, the
+    band within 10% of it, error bars where the rows carry standard errors)."""
+    figures = Path(args.figures)
+    for name, (quality, title) in FIGURE_SWEEPS.items():
+        rows = json.loads((figures / f"{name}.json").read_text())
+        with tempfile.TemporaryDirectory() as scratch:
+            paths = write_results(rows, scratch, quality=quality, title=title)
+            shutil.copy(paths["png"], figures / f"{name}.png")
+        print(f"rewrote {figures / f'{name}.png'}", file=sys.stderr)
+
+
 def _steps(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in text.split(","))
 
@@ -504,6 +526,8 @@ def main(argv=None) -> None:
     r = sub.add_parser("replot", help="rewrite the tables and plots of a run from its JSON")
     r.add_argument("run", help="a run directory, e.g. runs/checkerboard-uniform")
     r.add_argument("--figures", default=str(FIGURES), help="where the plots are copied")
+    f = sub.add_parser("figures", help="redraw docs/figures from the sweeps kept there as JSON")
+    f.add_argument("--figures", default=str(FIGURES), help="the figures directory")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: other jobs share the cores)"
     )
@@ -519,6 +543,7 @@ def main(argv=None) -> None:
         "oracle": oracle,
         "text": text,
         "replot": replot,
+        "figures": replot_figures,
     }
     problems[args.problem](args)
 

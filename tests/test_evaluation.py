@@ -165,8 +165,11 @@ def test_sweep_rows_and_result_files(tmp_path):
     paths = write_results(rows, tmp_path / "out", quality="mean_id", title="stub", note="a note")
     assert json.loads(paths["json"].read_text()) == rows
     md = paths["md"].read_text()
-    header = "| model | solver | steps | nfe | n | mean_id | p1 | p2 | entropy | seconds |"
+    header = (
+        "| model | solver | steps | nfe | n | mean_id | p1 | p2 | entropy | entropy_se | seconds |"
+    )
     assert header in md and "a note" in md and md.count("\n| a |") == 4
+    assert all(r["entropy_se"] > 0 for r in rows)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="quality"):
         write_results(rows, tmp_path / "bad", quality="missing")
@@ -233,6 +236,7 @@ def test_eval_cli_without_a_scorer(tiny_model_dir, tmp_path, capsys):
         "nfe",
         "n",
         "entropy",
+        "entropy_se",
         "seconds",
     }
     assert (out / "results.png").stat().st_size > 0 and "entropy only" in (
@@ -372,3 +376,32 @@ def test_train_scorer_learns_and_scores(tmp_path):
     good = generative_perplexity(ids, str(tmp_path / "scorer"), device="cpu")["mean"]
     bad = generative_perplexity(shuffled, str(tmp_path / "scorer"), device="cpu")["mean"]
     assert good < 2.0 < 10 * good < bad, (good, bad)
+
+
+def test_plots_draw_error_bars_the_baseline_and_its_band(tmp_path, monkeypatch):
+    """Error bars where rows carry <key>_se, the longest DFM run as a dashed line on both
+    panels, and the band within 10% of it on the quality panel."""
+    from matplotlib.axes import Axes
+
+    from fsdfm.evaluation import baseline_row
+
+    calls = []
+    for name in ("errorbar", "axhline", "axhspan"):
+        original = getattr(Axes, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Axes, name, spy)
+    rows = [
+        {"model": "m", "solver": s, "steps": k, "nfe": k, "n": 4, "q": q, "q_se": 0.1,
+         "entropy": 5.0, "entropy_se": 0.01, "seconds": 0.1}
+        for s, k, q in [("dfm", 8, 3.0), ("dfm", 1024, 2.0), ("cumulative", 8, 2.1)]
+    ]  # fmt: skip
+    assert baseline_row(rows)["steps"] == 1024 and baseline_row(rows[2:]) is None
+    write_results(rows, tmp_path / "out", quality="q")
+    bars = [kw["yerr"] for name, _, kw in calls if name == "errorbar"]
+    assert len(bars) == 4 and all(e is not None for e in bars)
+    assert [args[0] for name, args, _ in calls if name == "axhline"] == [2.0, 5.0]
+    assert [args[:2] for name, args, _ in calls if name == "axhspan"] == [(1.8, 2.2)]
