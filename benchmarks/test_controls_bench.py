@@ -4,10 +4,11 @@ its `_ref` (torch.topk / sort based, float64 multinomial) and, for the collapse,
 filter chain a transformers user would write ("warpers": topk / sort + cumsum + masked_fill,
 softmax, torch.multinomial).
 
-The native top-k / top-p floor is found without sorting: on the CPU a selection on a copy of the
-row (expected O(V)), on the GPU a bisection over the float order (up to 32 block-wide passes
-over the row, after the first served by L2). Goal: top-k / top-p native draws at least 2x
-faster than the sort-based references on both devices; min_p costs what a finite barrier costs.
+The native top-k / top-p floor is found without sorting: on the CPU a radix selection over the
+float order (three histogram levels, about two reads of the row per control), on the GPU a
+bisection over the same order (up to 32 block-wide passes over the row, after the first served
+by L2). Goal: top-k / top-p native draws at least 2x faster than the sort-based references and
+the warper chain on both devices; min_p costs what a finite barrier costs.
 
     pytest benchmarks/test_controls_bench.py
 """

@@ -19,7 +19,8 @@ using namespace cpu;  // NOLINT: the row kernels
 // The per-dtype entry points of the row kernels, one clone per instruction set.
 #define FSDFM_ROW_ENTRY_POINTS(T)                                                              \
   FSDFM_ISA_CLONES int64_t draw_row_isa(const T* row, int64_t V, const RowTask& task,           \
-                                        const RowUniforms& u, float* masses, float* values) {  \
+                                        const RowUniforms& u, float* masses,                   \
+                                        Candidate* values) {                                   \
     return draw_row(row, V, task, u, masses, values);                                          \
   }                                                                                            \
   FSDFM_ISA_CLONES void generator_row_isa(const T* p, T* out, int64_t V, int64_t z, float rate, \
@@ -48,7 +49,7 @@ at::Tensor draw_rows(const DrawArgs& a, double barrier, double temperature,
     const scalar_t* base = a.logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows.rows(), grain_rows(rows.V), [&](int64_t begin, int64_t end) {
       std::vector<float> masses(groups);
-      std::vector<float> values(controls ? rows.V : 0);
+      std::vector<Candidate> values(controls ? rows.V : 0);
       for (int64_t r = begin; r < end; ++r) {
         const RowUniforms u = row_uniforms(seed, 0, static_cast<uint64_t>(r));
         RowTask task = row_task(a.mode, a.mode == DrawMode::kJump ? a.current : a.exclude,
