@@ -8,6 +8,8 @@ reproductions of the paper's claim in docs/results.md, and the tests):
   that knows the answer: what any few-step sampler reaches with a perfect teacher;
 - :class:`MarkovChain`: a random Markov chain of order 1 or 2 over V symbols, its samples, its
   exact log-probability (for :func:`fsdfm.metrics.exact_nll`) and its pair law;
+- :class:`MarkovPosterior`: the exact denoiser of an order-1 chain by forward-backward, for
+  any length: the exact cap of any solver at any step count is one ``fsdfm.sample`` call;
 - :func:`symbol_tokenizer`, :func:`write_sequences`: the symbols of these problems as a
   tokenizer and training sequences as a token file, so that ``fsdfm pretrain`` trains on them.
   The CPU-sized model presets for them are ``toy-pairs`` and ``toy-chain``
@@ -29,6 +31,7 @@ from fsdfm.metrics import total_variation
 __all__ = [
     "ExactPosterior",
     "MarkovChain",
+    "MarkovPosterior",
     "checkerboard_law",
     "checkerboard_scores",
     "symbol_tokenizer",
@@ -167,6 +170,89 @@ class ExactPosterior:
             m = self.q.sum(dims) if dims else self.q
             out = out[..., None] * m
         return out.flatten()
+
+
+class MarkovPosterior:
+    """The exact posterior marginals p_{1|t}(x^i | x_t) of the mixture path (kappa_t = t) for an
+    order-1 :class:`MarkovChain`, by forward-backward: a callable ``model(x_t, t, h) -> logits
+    [B, L, V(+1)]`` that ignores h, exact for any L (``ExactPosterior`` enumerates V^L states).
+    Sampling it with a solver at a step count gives that solver's exact cap there: what a
+    perfect teacher reaches when the positions of a step are drawn independently.
+
+    With x_t observed through the path, position i emits e_i(a) = P(x_t^i | x_1^i = a):
+    kappa [a = x_t^i] + (1 - kappa) / V (uniform source), or kappa [a = x_t^i] for a revealed
+    token and 1 - kappa for the mask (mask source, mask id V, whose logit is -inf). Then, with
+    the chain's uniform start pi and transitions P,
+
+        alpha_1 = pi * e_1,   alpha_i = (alpha_{i-1} P) * e_i,
+        beta_L = 1,           beta_i = P (e_{i+1} * beta_{i+1}),
+        p_{1|t}(x^i = a | x_t) = alpha_i(a) beta_i(a) / sum_b alpha_i(b) beta_i(b),
+
+    each vector renormalised as it goes (the scale cancels), batched over B in float64: 2 L
+    products of [B, V] by [V, V] per call. ``calls`` counts the calls.
+    """
+
+    def __init__(self, chain: MarkovChain, source: str = "uniform"):
+        if chain.order != 1:
+            raise ValueError(
+                f"MarkovPosterior needs an order-1 chain (forward-backward over V states), got "
+                f"order {chain.order}"
+            )
+        if source not in ("uniform", "mask"):
+            raise ValueError(f"source must be 'uniform' or 'mask', got {source!r}")
+        self.chain, self.source = chain, source
+        self.V, self.L = chain.vocab_size, chain.seq_len
+        self.P = chain.table.double()
+        self.calls = 0
+
+    def to(self, device) -> MarkovPosterior:
+        """Move the transition table (the calls then run where x_t is)."""
+        self.P = self.P.to(device)
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.V + 1 if self.source == "mask" else self.V
+
+    def emissions(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """e [B, L, V]: P(x_t^i | x_1^i = a) under the path at time t (kappa_t = t)."""
+        kappa = t.double().to(x_t.device)[:, None, None]
+        own = torch.nn.functional.one_hot(x_t.clamp_max(self.V - 1), self.V).double()
+        if self.source == "uniform":
+            return kappa * own + (1 - kappa) / self.V
+        masked = (x_t == self.V)[..., None]
+        return torch.where(masked, (1 - kappa).expand_as(own), kappa * own)
+
+    def posterior(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """p_{1|t}(x^i = a | x_t) [B, L, V] in float64."""
+        B, L = x_t.shape
+        if L != self.L:
+            raise ValueError(f"x_t has length {L}, the chain {self.L}")
+        e = self.emissions(x_t, t)
+        P = self.P.to(x_t.device)
+        alpha = torch.empty(B, L, self.V, dtype=torch.float64, device=x_t.device)
+        a = e[:, 0] / self.V
+        alpha[:, 0] = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
+        for i in range(1, L):
+            a = (alpha[:, i - 1] @ P) * e[:, i]
+            alpha[:, i] = a / a.sum(-1, keepdim=True).clamp_min(1e-300)
+        post = torch.empty_like(alpha)
+        beta = torch.ones(B, self.V, dtype=torch.float64, device=x_t.device)
+        for i in range(L - 1, -1, -1):
+            g = alpha[:, i] * beta
+            post[:, i] = g / g.sum(-1, keepdim=True).clamp_min(1e-300)
+            if i:
+                beta = (e[:, i] * beta) @ P.T
+                beta = beta / beta.sum(-1, keepdim=True).clamp_min(1e-300)
+        return post
+
+    def __call__(self, x_t, t, h=None):
+        self.calls += 1
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        logits = self.posterior(x_t, t).log().float()
+        if self.source == "mask":
+            logits = torch.cat([logits, torch.full_like(logits[..., :1], -math.inf)], -1)
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------

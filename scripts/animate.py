@@ -6,8 +6,16 @@ model calls; the tokens that changed since the previous frame are highlighted.
     python scripts/animate.py --out docs/figures/settling.gif --ar-model runs/ar
     python scripts/animate.py --out /tmp/quick.gif --length 16 --frames 6 --dfm-steps 32
 
---ar-model is a transformers causal LM on the bundled model's tokenizer (e.g. one trained by
-scripts/train_scorer.py); without it the GIF has the two flow panels only.
+--ar-model is a transformers causal LM on the bundled model's tokenizer; without it the GIF has
+the two flow panels only. No such model is shipped, and the bundled model's corpus is not on
+every machine; the README's GIF used a small GPT-2 trained on the docstrings of Python's
+standard library, which every machine has:
+
+    python scripts/animate.py --docstrings /tmp/docstrings.txt   # 2.4 M characters of English
+    OMP_NUM_THREADS=1 python scripts/train_scorer.py --data /tmp/docstrings.txt --out runs/ar \
+        --tokenizer fsdfm/assets/default/tokenizer.json --seq-len 128 --dim 192 --layers 3 \
+        --heads 3 --steps 500 --batch-size 16 --lr 2e-3       # 2.9M parameters, 5 min
+    python scripts/animate.py --out docs/figures/settling.gif --ar-model runs/ar --length 64
 """
 
 from __future__ import annotations
@@ -59,6 +67,34 @@ def ar_states(ar_model, prompt_ids, length, frames, seed) -> list[tuple[int, lis
     return states
 
 
+def write_docstrings(path: Path) -> None:
+    """The docstrings of Python's standard library (tests, installed packages and IDLE left out)
+    as a text corpus: one
+    document per docstring of more than 200 characters, its paragraphs of more than 60
+    characters on lines of their own, doctest lines dropped."""
+    import ast
+    import sysconfig
+
+    documents = []
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if {"test", "tests", "site-packages", "idlelib"} & set(file.parts):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        kinds = (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, kinds) else None
+            if doc and len(doc) > 200:
+                paragraphs = [" ".join(p.split()) for p in doc.split("\n\n")]
+                kept = [p for p in paragraphs if len(p) > 60 and not p.startswith((">>>", "..."))]
+                if kept:
+                    documents.append("\n".join(kept))
+    path.write_text("\n\n".join(documents) + "\n")
+    print(f"wrote {path}: {len(documents)} docstrings", file=sys.stderr)
+
+
 def draw_panel(draw, origin, title, calls, total, tokens, previous, tokenizer, font, bold):
     x0, y0 = origin
     draw.text((x0 + MARGIN, y0 + MARGIN), title, fill=COLOURS["header"], font=bold)
@@ -85,7 +121,8 @@ def draw_panel(draw, origin, title, calls, total, tokens, previous, tokenizer, f
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="the GIF to write")
+    parser.add_argument("--out", help="the GIF to write")
+    parser.add_argument("--docstrings", help="only write the docstring corpus to this file")
     parser.add_argument("--model", default="default", help="the flow model (default: bundled)")
     parser.add_argument("--ar-model", help="a transformers causal LM on the same tokenizer")
     parser.add_argument("--prompt", default="The history of the city")
@@ -96,6 +133,10 @@ def main(argv=None) -> None:
     parser.add_argument("--ms", type=int, default=180, help="milliseconds per frame")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.docstrings:
+        return write_docstrings(Path(args.docstrings))
+    if args.out is None:
+        parser.error("--out is required")
     if args.frames < 2:
         parser.error("--frames must be at least 2")
     torch.set_num_threads(1)
