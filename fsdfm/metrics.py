@@ -6,7 +6,9 @@
   is given too.
 - :func:`unigram_entropy`: per sample, the entropy (bits) of its token histogram. Low entropy
   with low perplexity means degenerate repetition: report both.
-- :func:`exact_nll` and :func:`total_variation`: for synthetic sources whose law is known.
+- :func:`exact_nll` and :func:`total_variation`: for synthetic sources whose law is known;
+  :func:`transition_entropy`: pair entropy minus unigram entropy of the pooled neighbour pairs,
+  the joint structure that unigram entropy misses (sharpening shows there).
 """
 
 from __future__ import annotations
@@ -115,6 +117,34 @@ def exact_nll(tokens: torch.Tensor, log_prob: Callable[[torch.Tensor], torch.Ten
         "per_token": float(nll.mean()) / tokens.shape[1],
         "per_sample": nll,
     }
+
+
+def entropy_bits(law: torch.Tensor) -> float:
+    """-sum p log2 p of a (not necessarily normalised) table of probabilities or counts."""
+    p = law.double().flatten()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def transition_entropy(tokens: torch.Tensor, vocab_size: int) -> dict:
+    """Joint structure that unigram entropy cannot see, from the pooled neighbour pairs of
+    samples [N, L]: {"unigram_entropy_pooled": H(x_i), "pair_entropy": H(x_{i-1}, x_i),
+    "transition_entropy": their difference, the plug-in H(x_i | x_{i-1})}, in bits. Sharpening
+    a sampler's transitions lowers it while the unigram entropy stays; a sampler that draws
+    positions independently raises it to the unigram entropy. Plug-in estimates are biased
+    low when the pairs are few against V^2: compare with a reference sampled at the same N
+    (e.g. the chain's own samples)."""
+    tokens = _check_tokens(tokens).cpu()
+    positive_int(vocab_size, "vocab_size")
+    if tokens.shape[1] < 2:
+        raise ValueError("samples need at least 2 tokens to have neighbour pairs")
+    if int(tokens.max()) >= vocab_size:
+        raise ValueError(f"tokens hold id {int(tokens.max())} >= vocab_size = {vocab_size}")
+    V = vocab_size
+    pairs = torch.bincount((tokens[:, :-1] * V + tokens[:, 1:]).flatten(), minlength=V * V)
+    unigram = torch.bincount(tokens[:, 1:].flatten(), minlength=V)
+    h1, h2 = entropy_bits(unigram), entropy_bits(pairs)
+    return {"unigram_entropy_pooled": h1, "pair_entropy": h2, "transition_entropy": h2 - h1}
 
 
 def total_variation(tokens: torch.Tensor, law: torch.Tensor) -> float:

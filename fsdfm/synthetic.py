@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fsdfm.data import write_token_file
-from fsdfm.metrics import total_variation
+from fsdfm.metrics import entropy_bits, total_variation
 
 __all__ = [
     "ExactPosterior",
@@ -326,6 +326,12 @@ class MarkovChain:
         index = (tokens[:, :-1] * V + tokens[:, 1:]).flatten()
         counts = torch.bincount(index, minlength=V * V).double()
         return 0.5 * float((counts / counts.sum() - self.pair_law.flatten()).abs().sum())
+
+    @functools.cached_property
+    def transition_entropy(self) -> float:
+        """H(x_i | x_{i-1}) of the pooled neighbour pairs (bits): the exact value of
+        :func:`fsdfm.metrics.transition_entropy` on infinitely many samples."""
+        return entropy_bits(self.pair_law) - entropy_bits(self.pair_law.sum(0))
 
     @property
     def expected_nll(self) -> float:
