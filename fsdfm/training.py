@@ -70,7 +70,13 @@ from fsdfm._args import resolve_device
 from fsdfm._io import Staging, atomic_write, remove_stale_temporaries, sha256_of
 from fsdfm.checkpoint import load, save
 from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_rows
-from fsdfm.distill import sample_step_sizes, shortcut_teacher, student_from_teacher
+from fsdfm.distill import (
+    diagnostics,
+    level_of,
+    sample_step_sizes,
+    shortcut_teacher,
+    student_from_teacher,
+)
 from fsdfm.losses import cross_entropy, forward_kl, generalized_kl
 from fsdfm.model import FSDFMTransformer, ModelConfig
 from fsdfm.optim import learning_rate
@@ -236,6 +242,8 @@ class _Run:
             weight_decay=config.weight_decay,
         )
         self.step = 0
+        # Distillation: the rows of the global batch drawn at each level of the grid so far.
+        self.level_rows = torch.zeros(config.grid.bit_length(), dtype=torch.long)
         self.state_sha: str | None = None  # the sha256 of the state.pt on disk
         self._resume_or_start()
         self.saved_step = self.step  # the step of the checkpoint on disk (0: none yet)
@@ -378,6 +386,8 @@ class _Run:
                 self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.load_state_dict(state["sampler"])
+            if state.get("level_rows") is not None:  # states before the diagnostics lack it
+                self.level_rows = state["level_rows"].clone()
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(
@@ -443,6 +453,7 @@ class _Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "level_rows": self.level_rows,
         }
         # state.json lists the sha256 of the new state and of the one it replaces, and is
         # renamed first: a crash between the two renames leaves the old state.pt, which the
@@ -504,6 +515,8 @@ class _Run:
         no device sync) and noisy x_t."""
         h, t = sample_step_sizes(x_1.shape[0], self.config.grid, self.noise_cpu)
         x_t = self._noisy(x_1, t.float().to(self.device, non_blocking=True), self.noise_device)
+        levels = level_of(h, self.config.grid)
+        self.level_rows += torch.bincount(levels, minlength=self.level_rows.numel())
         return {"x_1": x_1, "t": t, "h": h, "x_t": x_t}
 
     def _distill_loss(self, batch: dict, rows: slice, n: int) -> tuple[Tensor, Tensor]:
@@ -608,6 +621,26 @@ class _Run:
         model.train(was_training)
         return total / count
 
+    @torch.no_grad()
+    def _diagnostics(self) -> dict:
+        """Per level of the grid (:func:`fsdfm.distill.diagnostics`) on the first held-out
+        blocks, with the same times and noise at every evaluation, and the rows drawn so far."""
+        c = self.config
+        indices = list(self.blocks.val_indices())[: min(c.batch_size, 32)]
+        x_1 = self.blocks.get(indices, self.device)
+        g_cpu = torch.Generator().manual_seed(derive_seed(c.seed, "diagnostics"))
+        g_dev = torch.Generator(self.device).manual_seed(derive_seed(c.seed, "diagnostics-dev"))
+        was_training = self.model.training
+        self.model.eval()
+        levels = diagnostics(
+            self.model, self.ema, x_1, lambda x, t: self._noisy(x, t, g_dev), c.grid,
+            c.teacher_type, schedule=self.schedule, generator=g_cpu, device_generator=g_dev,
+        )  # fmt: skip
+        self.model.train(was_training)
+        for row, rows in zip(levels.values(), self.level_rows.tolist(), strict=True):
+            row["rows"] = rows
+        return levels
+
     # -- loop --------------------------------------------------------------------------------------
     def run(self) -> Path:
         c, procs = self.config, self.procs
@@ -647,10 +680,14 @@ class _Run:
                         record["val_loss"] = self._validate(self.model)
                         if self.ema is not None:
                             record["val_loss_ema"] = self._validate(self.ema)
+                        if c.mode == "distill":
+                            record["levels"] = self._diagnostics()
                         self._stop_if_diverged(record)
                     if metrics is not None:
                         metrics.write(json.dumps(record, allow_nan=False) + "\n")
                         metrics.flush()
+                        if "levels" in record:
+                            plot_diagnostics(self.out / "metrics.jsonl", self.out / DIAGNOSTICS)
                     shown = {"loss": f"{record['loss']:.4f}"}
                     if "val_loss" in record:
                         shown["val_loss"] = f"{record['val_loss']:.4f}"
@@ -676,7 +713,10 @@ class _Run:
         (one host synchronisation, before a save; every rank holds the same weights and so
         decides alike) are not finite."""
         if record is not None:
-            bad = {k: v for k, v in record.items()
+            flat = dict(record)
+            for level, values in record.get("levels", {}).items():  # the distillation diagnostics
+                flat.update({f"{key} at h = {level}": v for key, v in values.items()})
+            bad = {k: v for k, v in flat.items()
                    if isinstance(v, float) and not math.isfinite(v)}  # fmt: skip
             what = ", ".join(f"{k} = {v}" for k, v in bad.items())
         else:
@@ -711,3 +751,48 @@ class _Run:
             record["loss_distill"] = distill_sum / n_distill if n_distill else None
             record["frac_distill"] = n_distill / n
         return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation diagnostics
+
+DIAGNOSTICS = "diagnostics.png"  # written beside metrics.jsonl by fsdfm distill
+
+
+def plot_diagnostics(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """The per-level diagnostics of a distillation's metrics.jsonl against the training step:
+    self-consistency KL(target_h || student_h), KL(student_h || student_finest), predictive
+    entropy and rows drawn, one line per level (log scales where the values span decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    records = [r for r in records if "levels" in r]
+    panels = [("kl_target", "KL(target_h || student_h) (nats)"),
+              ("kl_fine", "KL(student_h || student_finest) (nats)"),
+              ("entropy", "predictive entropy (nats)"), ("rows", "rows drawn so far")]  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    names = list(records[0]["levels"]) if records else []
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for name in names:
+            points = [(r["step"], r["levels"][name].get(key)) for r in records]
+            points = [(s, v) for s, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=2, label=f"h = {name}")
+        values = [v for r in records for row in r["levels"].values()
+                  if (v := row.get(key)) is not None and v > 0]  # fmt: skip
+        if values and max(values) > 100 * min(values):
+            ax.set_yscale("log")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if names:
+        axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    tmp = Path(png_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png_path)  # a reader never sees half a figure
+    return Path(png_path)

@@ -730,3 +730,25 @@ def test_plain_progress_lines_when_stderr_is_no_terminal(corpus, tmp_path, capsy
     ]
     assert len(lines) == 3 and lines[-1].startswith("fsdfm pretrain: step 3/3 (100%), loss ")
     assert all(" tokens/s, " in x and ", ETA " in x for x in lines), lines
+
+
+def test_distillation_diagnostics(corpus, teacher_dir, tmp_path):
+    """At every evaluation fsdfm distill logs, per level of the grid, the self-consistency
+    KL(target_h || student_h), KL(student_h || student_finest), the predictive entropy and the
+    rows drawn so far, and plots them (OUT/diagnostics.png)."""
+    out = train(tiny(corpus, tmp_path / "d", mode="distill", teacher=str(teacher_dir), grid=8,
+                     steps=4, batch_size=8, eval_every=2, save_every=4))  # fmt: skip
+    logged = [m for m in metrics(out) if "levels" in m]
+    assert [m["step"] for m in logged] == [2, 4]
+    for m in logged:
+        levels = m["levels"]
+        assert list(levels) == ["1", "1/2", "1/4", "1/8"]
+        assert "kl_target" not in levels["1/8"] and levels["1/8"]["kl_fine"] == 0.0
+        for name in ("1", "1/2", "1/4"):
+            assert levels[name]["kl_target"] >= -1e-6 and levels[name]["kl_fine"] >= -1e-6
+        assert all(0 < row["entropy"] <= math.log(256) + 1e-6 for row in levels.values())
+        assert sum(row["rows"] for row in levels.values()) == 8 * m["step"]
+    # The 1/h weights draw the finest level most often.
+    rows = {name: row["rows"] for name, row in logged[-1]["levels"].items()}
+    assert rows["1/8"] >= rows["1"]
+    assert (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
