@@ -12,6 +12,8 @@ ones at every level of the grid.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,10 +22,13 @@ from fsdfm.model import FSDFMTransformer
 from fsdfm.path import PolynomialSchedule
 
 __all__ = [
+    "LEVEL_LAWS",
+    "STUDENT_INITS",
     "TEACHER_TYPES",
     "diagnostics",
     "level_names",
     "level_of",
+    "level_weights",
     "sample_step_sizes",
     "shortcut_teacher",
     "student_from_teacher",
@@ -32,24 +37,62 @@ __all__ = [
 TEACHER_TYPES = ("rk4", "heun")
 
 
+LEVEL_LAWS = ("weighted", "uniform", "curriculum")
+
+
+def level_weights(grid: int, law: str = "weighted", progress: float = 0.0) -> Tensor:
+    """The probabilities [K + 1] of the levels k = 0..K (h = 2^-k, grid = 2^K) under ``law``:
+
+    - "weighted" (the paper's): P(k) proportional to 1/h = 2^k, so half the draws are the
+      finest level and h = 1 gets 1 / (2 grid - 1) of them;
+    - "uniform": every level alike;
+    - "curriculum": uniform over the levels open at ``progress`` (the fraction of the run done,
+      in [0, 1]): the two finest at first, then one coarser level more every 1/K of the run, so
+      that each big step is learnt from smaller ones that have been trained already."""
+    K = grid.bit_length() - 1
+    k = torch.arange(K + 1, dtype=torch.float64)
+    if law == "weighted":
+        weights = 2.0**k
+    elif law == "uniform":
+        weights = torch.ones(K + 1, dtype=torch.float64)
+    elif law == "curriculum":
+        coarsest = max(0, K - 1 - math.floor(K * min(max(progress, 0.0), 1.0)))
+        weights = (k >= coarsest).double()
+    else:
+        raise ValueError(f"levels must be one of {LEVEL_LAWS}, got {law!r}")
+    return weights / weights.sum()
+
+
 def sample_step_sizes(
-    n: int, grid: int = 1024, generator: torch.Generator | None = None
+    n: int,
+    grid: int = 1024,
+    generator: torch.Generator | None = None,
+    *,
+    law: str = "weighted",
+    progress: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """(h, t), float64 [n] on the CPU: h = 2^-k, k in 0..K (grid = 2^K) with P(h) = (1/h) / sum
-    over the h of 1/h, i.e. P(k) = 2^k / (2^(K+1) - 1); t = j / grid with j uniform on
+    """(h, t), float64 [n] on the CPU: h = 2^-k with k drawn from :func:`level_weights` (by
+    default the paper's P(k) = 2^k / (2^(K+1) - 1)); t = j / grid with j uniform on
     {0, .., grid - grid h}, so that t + h <= 1."""
-    levels = grid.bit_length() - 1
-    weights = 2.0 ** torch.arange(levels + 1, dtype=torch.float64)
-    k = torch.multinomial(weights, n, replacement=True, generator=generator)
+    k = torch.multinomial(level_weights(grid, law, progress), n, replacement=True,
+                          generator=generator)  # fmt: skip
     slots = grid - torch.div(grid, 2**k, rounding_mode="floor") + 1  # number of allowed j
     u = torch.rand(n, dtype=torch.float64, generator=generator)
     j = (u * slots).floor()
     return 2.0 ** (-k.double()), j / grid
 
 
-def student_from_teacher(teacher: FSDFMTransformer, **config_changes) -> FSDFMTransformer:
+STUDENT_INITS = ("teacher", "random")
+
+
+def student_from_teacher(
+    teacher: FSDFMTransformer, init: str = "teacher", **config_changes
+) -> FSDFMTransformer:
     """A step-conditioned student with the teacher's weights (SPEC 4.2); ``config_changes``
     (e.g. seq_len, dropout) go to its ModelConfig. A teacher that is already a student is copied.
+    ``init="random"`` leaves the new step-size layers at their fresh random initialisation, as
+    the authors' code does (the student then starts away from the teacher); "teacher" (the
+    default) starts them as below.
 
     The new layers start so that the student computes the teacher's function for every h:
     with t_emb, h_emb the embeddings (each c wide), the teacher conditions every block on
@@ -73,6 +116,11 @@ def student_from_teacher(teacher: FSDFMTransformer, **config_changes) -> FSDFMTr
             f"the teacher's weights do not fit a student of its shape (unexpected: "
             f"{sorted(unexpected)[:4]}, missing: {sorted(missing)[:4]})"
         )
+    if init not in STUDENT_INITS:
+        raise ValueError(f"init must be one of {STUDENT_INITS}, got {init!r}")
+    student.tokenizer_name = teacher.tokenizer_name
+    if init == "random":
+        return student
     c = teacher.config.cond_dim
     eye = torch.eye(c)
     with torch.no_grad():

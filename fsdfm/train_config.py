@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fsdfm.distill import TEACHER_TYPES
+from fsdfm.distill import LEVEL_LAWS, STUDENT_INITS, TEACHER_TYPES
 from fsdfm.model import PRESETS
 from fsdfm.options import Option, coerce
 from fsdfm.path import SOURCES
@@ -72,6 +72,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float | None = None
     grid: int = 1024
+    levels: str = "weighted"
+    student_init: str = "teacher"
     seed: int = 0
     device: str | None = None
     save_every: int = 1000
@@ -131,6 +133,18 @@ _TABLE = [
     _option("grad_clip", float, "gradient-norm clip, 0 = off (1.0)"),
     _option("ema", float, "EMA decay (pretrain: off unless given; distill: 0.9995)"),
     _option("grid", int, "1 / the smallest step size, a power of two (1024)"),
+    _option(
+        "levels",
+        LEVEL_LAWS,
+        "step-size law: weighted (P(h) ~ 1/h, the paper's), uniform, or curriculum (a coarser "
+        "level opens every 1/K of the run)",
+    ),
+    _option(
+        "student_init",
+        STUDENT_INITS,
+        "the student's step-size layers: teacher (it starts equal to the teacher) or random "
+        "(the authors')",
+    ),
     _option("seed", int, "random seed (0)"),
     _option("device", ("cpu", "cuda"), "cpu or cuda (default: cuda when available)"),
     _option("save_every", int, "checkpoint every N steps (1000)"),
@@ -141,6 +155,7 @@ _TABLE = [
     _option("stop_at", int, "stop after this step, keeping the schedule of --steps"),
 ]
 _ONLY = {"teacher": ("distill",), "teacher_type": ("distill",), "grid": ("distill",),
+         "levels": ("distill",), "student_init": ("distill",),
          "preset": ("pretrain",)}  # fmt: skip
 # Every option of TrainConfig but ``mode``, and the modes it belongs to.
 OPTIONS: dict[str, tuple[Option, tuple[str, ...]]] = {

@@ -293,7 +293,9 @@ class _Run:
                     f"the teacher's vocabulary ({teacher.config.real_vocab_size} real tokens) "
                     f"does not match the {config.tokenizer} tokenizer ({vocab})"
                 )
-            model = student_from_teacher(teacher, seq_len=config.seq_len, dropout=config.dropout)
+            model = student_from_teacher(
+                teacher, init=config.student_init, seq_len=config.seq_len, dropout=config.dropout
+            )
         else:
             model = FSDFMTransformer(
                 ModelConfig.preset(
@@ -513,7 +515,9 @@ class _Run:
     def _distill_batch(self, x_1: Tensor) -> dict:
         """The step's draws for the whole global batch: step sizes h, times t (CPU float64,
         no device sync) and noisy x_t."""
-        h, t = sample_step_sizes(x_1.shape[0], self.config.grid, self.noise_cpu)
+        c = self.config
+        h, t = sample_step_sizes(x_1.shape[0], c.grid, self.noise_cpu, law=c.levels,
+                                 progress=self.step / c.steps)  # fmt: skip
         x_t = self._noisy(x_1, t.float().to(self.device, non_blocking=True), self.noise_device)
         levels = level_of(h, self.config.grid)
         self.level_rows += torch.bincount(levels, minlength=self.level_rows.numel())

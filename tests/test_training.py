@@ -202,6 +202,44 @@ def test_step_size_and_time_law():
     assert chisquare(cells, torch.tensor(probs, dtype=torch.float64) * n).pvalue > 1e-3
 
 
+def test_level_laws():
+    """uniform: every level alike; curriculum: the two finest levels first, one coarser level
+    more every 1/K of the run, uniform over the open ones; a bad law is named."""
+    from fsdfm.distill import level_weights
+
+    g = torch.Generator().manual_seed(2)
+    n = 40000
+    h, _ = sample_step_sizes(n, 8, g, law="uniform")
+    observed = torch.bincount((-torch.log2(h)).round().long(), minlength=4).double()
+    assert chisquare(observed, torch.full((4,), n / 4.0)).pvalue > 1e-3
+    assert level_weights(8, "curriculum", 0.0).tolist() == [0, 0, 0.5, 0.5]
+    assert level_weights(8, "curriculum", 0.34).tolist() == [0, 1 / 3, 1 / 3, 1 / 3]
+    assert level_weights(8, "curriculum", 0.99).tolist() == [0.25] * 4
+    h, t = sample_step_sizes(n, 8, g, law="curriculum", progress=0.0)
+    assert set(h.tolist()) == {0.25, 0.125} and (t + h <= 1).all()
+    with pytest.raises(ValueError, match="levels must be one of"):
+        level_weights(8, "steep")
+
+
+def test_student_with_random_step_layers():
+    """init="random" (the authors' way) copies the teacher's network but leaves the step-size
+    layers fresh: the student no longer computes the teacher's function at the start."""
+    torch.manual_seed(0)
+    teacher = FSDFMTransformer(ModelConfig.preset("tiny", vocab_size=256, seq_len=32)).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_(0, 0.1)
+    student = student_from_teacher(teacher, init="random").eval()
+    x, t = torch.randint(0, 256, (2, 32)), torch.tensor([0.2, 0.6])
+    assert (student(x, t, 0.5) - teacher(x, t)).abs().max() > 1e-2
+    shared = {k: v for k, v in teacher.state_dict().items()}
+    for k, v in student.state_dict().items():
+        if k in shared:
+            assert torch.equal(v, shared[k]), k
+    with pytest.raises(ValueError, match="init must be one of"):
+        student_from_teacher(teacher, init="zeros")
+
+
 # ---------------------------------------------------------------------------------------------
 # Distillation pieces
 
@@ -752,3 +790,17 @@ def test_distillation_diagnostics(corpus, teacher_dir, tmp_path):
     rows = {name: row["rows"] for name, row in logged[-1]["levels"].items()}
     assert rows["1/8"] >= rows["1"]
     assert (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("levels, init", [("uniform", "random"), ("curriculum", "teacher")])
+def test_distillation_with_other_choices(corpus, teacher_dir, tmp_path, levels, init):
+    out = train(tiny(corpus, tmp_path / "d", mode="distill", teacher=str(teacher_dir), grid=8,
+                     steps=4, batch_size=8, eval_every=2, save_every=4, levels=levels,
+                     student_init=init))  # fmt: skip
+    at_2, at_4 = (m for m in metrics(out) if "levels" in m)
+    assert math.isfinite(at_4["loss"])
+    saved = (out / "config.yaml").read_text()
+    assert f"levels: {levels}" in saved and f"student_init: {init}" in saved
+    if levels == "curriculum":  # h = 1 opens at 3/4 of the run (step 3 of 4); 1/2 at step 2
+        assert at_2["levels"]["1"]["rows"] == 0 and at_2["levels"]["1/2"]["rows"] == 0
+        assert at_2["levels"]["1/8"]["rows"] + at_2["levels"]["1/4"]["rows"] == 16
