@@ -7,6 +7,7 @@
     python scripts/reproduce.py --threads 2 text --run runs/default  # the bundled model, real text
     python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
     python scripts/reproduce.py figures    # docs/figures redrawn from the JSON kept there
+    python scripts/reproduce.py --threads 2 caps   # exact caps on a CPU-sized Markov chain
 
 Each problem: write the training set as a token file, pre-train a DFM teacher and distil an
 FS-DFM student with :func:`fsdfm.training.train` (the code behind ``fsdfm pretrain`` /
@@ -46,12 +47,13 @@ import torch
 
 from fsdfm._args import resolve_device
 from fsdfm.checkpoint import load
-from fsdfm.evaluation import gen_ppl_metric, sweep, write_results
-from fsdfm.metrics import elbo, exact_nll, unigram_entropy
+from fsdfm.evaluation import gen_ppl_metric, sweep, temperature_frontier, write_results
+from fsdfm.metrics import elbo, exact_nll, transition_entropy, unigram_entropy
 from fsdfm.scorer import train_scorer
 from fsdfm.synthetic import (
     ExactPosterior,
     MarkovChain,
+    MarkovPosterior,
     checkerboard_law,
     checkerboard_scores,
     symbol_tokenizer,
@@ -324,6 +326,55 @@ def markov(args) -> None:
     print(paths["md"].read_text())
 
 
+def caps(args) -> None:
+    """The exact caps of issue 16 on a CPU-sized chain: the exact posterior (MarkovPosterior)
+    sampled by each solver at each step count, scored by exact NLL, pair TV and transition
+    entropy, next to the chain's own samples and the temperature frontier (the exact posterior
+    at many steps and T < 1), for each Dirichlet concentration."""
+    V, L = args.vocab, args.length
+    figures = Path(args.figures)
+    for concentration in args.concentrations:
+        tag = f"caps-v{V}-l{L}-c{concentration:g}"
+        out = Path(args.out or ROOT / "runs") / tag
+        chain = MarkovChain(V, L, order=1, concentration=concentration, seed=args.seed)
+        posterior = MarkovPosterior(chain)
+
+        def scores(x: torch.Tensor, chain=chain) -> dict[str, float]:
+            joint = transition_entropy(x, V)
+            return {
+                "nll": exact_nll(x, chain.log_prob)["per_token"],
+                "pair_tv": chain.pair_tv(x),
+                "transition_entropy": joint["transition_entropy"],
+            }
+
+        common = dict(n_samples=args.samples, batch_size=args.samples, seed=args.seed,
+                      metric_fns={"chain": scores}, progress=False,
+                      sample_kwargs={"seq_len": L, "vocab_size": V})  # fmt: skip
+        rows = sweep({"exact posterior": posterior}, steps=args.steps,
+                     solvers=("cumulative", "euler", "dfm"), **common)  # fmt: skip
+        name = f"frontier, {args.frontier_steps} steps"
+        rows += temperature_frontier(posterior, args.temperatures, steps=args.frontier_steps,
+                                     name=name, **common)  # fmt: skip
+        own = chain.sample(args.samples, torch.Generator().manual_seed(args.seed + 1))
+        truth = {"model": "chain's own samples", "solver": "-", "steps": 0, "nfe": 0,
+                 "n": args.samples, **scores(own)}  # fmt: skip
+        note = (
+            f"Order-1 Markov chain, V = {V}, L = {L}, Dirichlet({concentration:g}) rows (seed "
+            f"{args.seed}): exact NLL {chain.expected_nll:.4f} nats/token in expectation, "
+            f"transition entropy {chain.transition_entropy:.4f} bits. The exact posterior "
+            f"(forward-backward) sampled by each solver: the cap of any sampler that draws the "
+            f"positions of a step independently. {args.samples} samples per row; the chain's "
+            f"own samples at the same n set the floor of pair_tv and the plug-in bias of "
+            f"transition_entropy: {truth['nll']:.4f} / {truth['pair_tv']:.4f} / "
+            f"{truth['transition_entropy']:.4f}."
+        )
+        title = f"exact caps, V = {V}, L = {L}, Dirichlet({concentration:g})"
+        paths = write_results(rows, out, quality="nll", note=note, title=title)
+        shutil.copy(paths["png"], figures / f"{tag}.png")
+        shutil.copy(paths["json"], figures / f"{tag}.json")
+        print(paths["md"].read_text())
+
+
 def text(args) -> None:
     from fsdfm.data import Blocks, prepare_tokens
 
@@ -526,6 +577,17 @@ def main(argv=None) -> None:
     r = sub.add_parser("replot", help="rewrite the tables and plots of a run from its JSON")
     r.add_argument("run", help="a run directory, e.g. runs/checkerboard-uniform")
     r.add_argument("--figures", default=str(FIGURES), help="where the plots are copied")
+    c = sub.add_parser("caps", help="exact caps of the solvers on a CPU-sized Markov chain")
+    c.add_argument("--vocab", type=int, default=32)
+    c.add_argument("--length", type=int, default=32)
+    c.add_argument("--concentrations", type=float, nargs="+", default=[0.1, 0.3])
+    c.add_argument("--steps", type=_steps, default=(1, 2, 4, 8, 16, 64))
+    c.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7])
+    c.add_argument("--frontier-steps", type=int, default=64)
+    c.add_argument("--samples", type=int, default=4096)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="runs directory (default runs/)")
+    c.add_argument("--figures", default=str(FIGURES))
     f = sub.add_parser("figures", help="redraw docs/figures from the sweeps kept there as JSON")
     f.add_argument("--figures", default=str(FIGURES), help="the figures directory")
     parser.add_argument(
@@ -544,6 +606,7 @@ def main(argv=None) -> None:
         "text": text,
         "replot": replot,
         "figures": replot_figures,
+        "caps": caps,
     }
     problems[args.problem](args)
 
