@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from fsdfm._io import Staging
+from fsdfm.progress import tracked
 
 __all__ = [
     "TOKEN_FORMAT",
@@ -254,17 +255,9 @@ def prepare_tokens(
         cache_dir.mkdir(parents=True, exist_ok=True)
 
         def documents():
-            bar = None
-            if progress and len(files) > 1:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(files), desc="tokenising", unit="file")
-            for f in files:
+            shown = tracked(files, "tokenising", unit="file", enabled=progress and len(files) > 1)
+            for f in shown:
                 yield [*tok.encode(f.read_text(encoding="utf-8", errors="replace")), tok.eos_id]
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
 
         write_token_file(target, documents(), tokenizer=tokenizer, vocab_size=tok.vocab_size)
     return _open_token_file(target, key)

@@ -21,6 +21,7 @@ import torch
 from fsdfm._args import model_device, positive_int, resolve_device, seeded_generator
 from fsdfm.losses import generalized_kl
 from fsdfm.path import MixturePath, PolynomialSchedule, check_source, sample_source
+from fsdfm.progress import tracked
 
 
 def _check_tokens(tokens: torch.Tensor, name: str = "tokens") -> torch.Tensor:
@@ -81,11 +82,8 @@ def generative_perplexity(
         raise ValueError(
             f"tokens hold id {int(tokens.max())}, outside the scorer's vocabulary of {vocab}"
         )
-    chunks = range(0, tokens.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="generative perplexity", unit="batch")
+    chunks = tracked(range(0, tokens.shape[0], batch_size), "generative perplexity",
+                     unit="batch", enabled=progress)  # fmt: skip
     nll = []
     for start in chunks:
         ids = tokens[start : start + batch_size].to(device)
@@ -223,11 +221,7 @@ def elbo(
     times = (torch.arange(n_times, dtype=torch.float64) + 0.5) / n_times
     N, L = tokens.shape
     per_time = torch.zeros(n_times, dtype=torch.float64, device=device)  # summed on the device
-    chunks = range(0, N, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="ELBO", unit="batch")
+    chunks = tracked(range(0, N, batch_size), "ELBO", unit="batch", enabled=progress)
     for start in chunks:
         x_1 = tokens[start : start + batch_size].to(device)
         B = x_1.shape[0]

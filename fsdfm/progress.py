@@ -98,6 +98,17 @@ class Progress:
         self.last, self.last_n = now, self.n
 
 
+def tracked(items, desc: str, *, total: int | None = None, unit: str = "item",
+            enabled: bool = True):  # fmt: skip
+    """Yield ``items``, showing their progress (:class:`Progress`; ``total`` defaults to
+    ``len(items)``)."""
+    with Progress(len(items) if total is None else total, desc, unit=unit,
+                  enabled=enabled) as progress:  # fmt: skip
+        for item in items:
+            yield item
+            progress.update()
+
+
 def _is_terminal(stream) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())

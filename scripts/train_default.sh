@@ -6,7 +6,8 @@
 #
 #   bash scripts/train_default.sh                 # the shipped model's run: ~85 min on 2 cores
 #   INSTALL=1 bash scripts/train_default.sh       # ... and replace fsdfm/assets/default with it
-#   PRETRAIN_STEPS=2 DISTILL_STEPS=2 WORK=/tmp/smoke bash scripts/train_default.sh   # smoke run
+#   CORPUS=docs/corpus.md PRETRAIN_STEPS=2 DISTILL_STEPS=2 SEQ_LEN=32 BATCH=2 WORK=/tmp/smoke \
+#     bash scripts/train_default.sh       # smoke run: any text file, no apt, no root, a minute
 #
 # The defaults are the run that produced the shipped weights (docs/results.md): the "small"
 # preset (8.3M parameters), sequences of 256 tokens, 1,600 pre-training steps of 16 sequences
@@ -14,7 +15,8 @@
 # 300 distillation steps (~25 min). With a GPU, raise the steps and the batch: the recipe is
 # compute-bound, not data-bound, at this size.
 #
-# Environment: WORK (runs and corpus, default ./runs/default), PRESET (small), SEQ_LEN (256),
+# Environment: WORK (runs and corpus, default ./runs/default), CORPUS (a text file to train on
+# instead of the Debian corpus, whose build runs apt-get as root), PRESET (small), SEQ_LEN (256),
 # BATCH (16), PRETRAIN_STEPS (1600), PRETRAIN_LR (1e-3), DISTILL_STEPS (300), DISTILL_LR (1e-4),
 # DEVICE (cuda when available), PYTHON (.venv/bin/python),
 # INSTALL (0: leave the shipped model alone, the default; 1: replace fsdfm/assets/default).
@@ -31,6 +33,9 @@ device=${DEVICE:-$("$py" -c "import torch; print('cuda' if torch.cuda.is_availab
 mkdir -p "$work"
 start=$SECONDS
 
+if [ -n "${CORPUS:-}" ]; then
+  mkdir -p "$work/corpus" && cp "$CORPUS" "$work/corpus/corpus.txt"
+fi
 [ -f "$work/corpus/corpus.txt" ] || "$py" scripts/build_corpus.py "$work/corpus"
 [ -f "$work/bpe/tokenizer.json" ] || "$py" -c "
 from fsdfm.tokenizer import train_bpe

@@ -47,3 +47,16 @@ def test_a_bar_on_a_terminal_and_nothing_when_disabled():
         progress.update(3)
         progress.note(loss=1.0)
     assert quiet.getvalue() == ""
+
+
+def test_tracked_yields_everything_and_ends_with_a_line(monkeypatch):
+    import sys
+
+    from fsdfm.progress import tracked
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    assert list(tracked(range(5), "fsdfm scoring", unit="batch")) == [0, 1, 2, 3, 4]
+    assert out.getvalue().splitlines()[-1].startswith("fsdfm scoring: batch 5/5 (100%)")
+    assert list(tracked([1, 2], "quiet", enabled=False)) == [1, 2]
+    assert out.getvalue().count("quiet") == 0
