@@ -25,7 +25,6 @@ __all__ = [
     "LEVEL_LAWS",
     "STUDENT_INITS",
     "TEACHER_TYPES",
-    "diagnostics",
     "level_names",
     "level_of",
     "level_weights",
@@ -200,58 +199,3 @@ def level_names(grid: int) -> list[str]:
 def level_of(h: Tensor, grid: int) -> Tensor:
     """The level k of step sizes h = 2^-k (int64, same shape)."""
     return torch.round(-torch.log2(h.double())).long().clamp(0, grid.bit_length() - 1)
-
-
-@torch.no_grad()
-def diagnostics(
-    student: FSDFMTransformer,
-    ema: FSDFMTransformer,
-    x_1: Tensor,
-    noisy,
-    grid: int,
-    kind: str = "rk4",
-    *,
-    schedule: PolynomialSchedule | None = None,
-    generator: torch.Generator | None = None,
-    device_generator: torch.Generator | None = None,
-) -> dict[str, dict[str, float]]:
-    """How far distillation has come, per level of the grid, on held-out blocks x_1 [n, L]:
-    for each step size h (largest first) the same x_1 is noised at times t on the grid with
-    t + h <= 1 (``noisy(x_1, t)`` gives x_t), and with p_h the student's law at (x_t, t, h)
-
-    - ``kl_target``: E KL(shortcut target_h || p_h), the self-consistency the objective drives
-      to zero (the target made by ``ema`` as in training; the finest level, trained on data,
-      has none);
-    - ``kl_fine``: E KL(p_h || p_{1/grid}), how far a big step's law has moved from the
-      finest step's at the same point (0 at the finest level);
-    - ``entropy``: the student's mean predictive entropy (nats per token) at h.
-
-    Means over sequences and tokens, in nats. ``generator`` (CPU) draws the times,
-    ``device_generator`` the teacher's jumps: fixed seeds give comparable values at every
-    evaluation."""
-    from fsdfm.losses import forward_kl
-
-    n, device = x_1.shape[0], x_1.device
-    finest = 1.0 / grid
-    out = {}
-    for name, k in zip(level_names(grid), range(grid.bit_length()), strict=True):
-        h_value = 2.0**-k
-        slots = grid - grid // 2**k + 1
-        j = torch.randint(0, slots, (n,), generator=generator, device="cpu").double()
-        t = j / grid
-        x_t = noisy(x_1, t.float().to(device))
-        t32 = t.float().to(device)
-        h = torch.full((n,), h_value, dtype=torch.float64)
-        logits = student(x_t, t32, h.float().to(device)).float()
-        logp = torch.log_softmax(logits, -1)
-        row = {"entropy": float(-(logp.exp() * logp).sum(-1).mean())}
-        if h_value > finest:
-            target = shortcut_teacher(ema, x_t, t, h, kind, schedule=schedule,
-                                      generator=device_generator)  # fmt: skip
-            row["kl_target"] = float(forward_kl(target, logits).mean())
-            fine = student(x_t, t32, torch.full_like(t32, finest)).float()
-            row["kl_fine"] = float(forward_kl(logits, fine).mean())
-        else:
-            row["kl_fine"] = 0.0
-        out[name] = row
-    return out

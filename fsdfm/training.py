@@ -71,7 +71,7 @@ from fsdfm._io import Staging, atomic_write, remove_stale_temporaries, sha256_of
 from fsdfm.checkpoint import load, save
 from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_rows
 from fsdfm.distill import (
-    diagnostics,
+    level_names,
     level_of,
     sample_step_sizes,
     shortcut_teacher,
@@ -80,7 +80,7 @@ from fsdfm.distill import (
 from fsdfm.losses import cross_entropy, forward_kl, generalized_kl
 from fsdfm.model import FSDFMTransformer, ModelConfig
 from fsdfm.optim import learning_rate
-from fsdfm.path import MixturePath, sample_source
+from fsdfm.path import MixturePath, PolynomialSchedule, sample_source
 from fsdfm.progress import Progress
 from fsdfm.tokenizer import get_tokenizer
 from fsdfm.train_config import (
@@ -627,7 +627,7 @@ class _Run:
 
     @torch.no_grad()
     def _diagnostics(self) -> dict:
-        """Per level of the grid (:func:`fsdfm.distill.diagnostics`) on the first held-out
+        """Per level of the grid (:func:`distillation_diagnostics`) on the first held-out
         blocks, with the same times and noise at every evaluation, and the rows drawn so far."""
         c = self.config
         indices = list(self.blocks.val_indices())[: min(c.batch_size, 32)]
@@ -636,7 +636,7 @@ class _Run:
         g_dev = torch.Generator(self.device).manual_seed(derive_seed(c.seed, "diagnostics-dev"))
         was_training = self.model.training
         self.model.eval()
-        levels = diagnostics(
+        levels = distillation_diagnostics(
             self.model, self.ema, x_1, lambda x, t: self._noisy(x, t, g_dev), c.grid,
             c.teacher_type, schedule=self.schedule, generator=g_cpu, device_generator=g_dev,
         )  # fmt: skip
@@ -759,6 +759,60 @@ class _Run:
 
 # ----------------------------------------------------------------------------------------------
 # Distillation diagnostics
+
+
+@torch.no_grad()
+def distillation_diagnostics(
+    student: FSDFMTransformer,
+    ema: FSDFMTransformer,
+    x_1: Tensor,
+    noisy,
+    grid: int,
+    kind: str = "rk4",
+    *,
+    schedule: PolynomialSchedule | None = None,
+    generator: torch.Generator | None = None,
+    device_generator: torch.Generator | None = None,
+) -> dict[str, dict[str, float]]:
+    """How far distillation has come, per level of the grid, on held-out blocks x_1 [n, L]:
+    for each step size h (largest first) the same x_1 is noised at times t on the grid with
+    t + h <= 1 (``noisy(x_1, t)`` gives x_t), and with p_h the student's law at (x_t, t, h)
+
+    - ``kl_target``: E KL(shortcut target_h || p_h), the self-consistency the objective drives
+      to zero (the target made by ``ema`` as in training; the finest level, trained on data,
+      has none);
+    - ``kl_fine``: E KL(p_h || p_{1/grid}), how far a big step's law has moved from the
+      finest step's at the same point (0 at the finest level);
+    - ``entropy``: the student's mean predictive entropy (nats per token) at h.
+
+    Means over sequences and tokens, in nats. ``generator`` (CPU) draws the times,
+    ``device_generator`` the teacher's jumps: fixed seeds give comparable values at every
+    evaluation."""
+    n, device = x_1.shape[0], x_1.device
+    finest = 1.0 / grid
+    out = {}
+    for name, k in zip(level_names(grid), range(grid.bit_length()), strict=True):
+        h_value = 2.0**-k
+        slots = grid - grid // 2**k + 1
+        j = torch.randint(0, slots, (n,), generator=generator, device="cpu").double()
+        t = j / grid
+        x_t = noisy(x_1, t.float().to(device))
+        t32 = t.float().to(device)
+        h = torch.full((n,), h_value, dtype=torch.float64)
+        logits = student(x_t, t32, h.float().to(device)).float()
+        logp = torch.log_softmax(logits, -1)
+        row = {"entropy": float(-(logp.exp() * logp).sum(-1).mean())}
+        if h_value > finest:
+            target = shortcut_teacher(ema, x_t, t, h, kind, schedule=schedule,
+                                      generator=device_generator)  # fmt: skip
+            row["kl_target"] = float(forward_kl(target, logits).mean())
+            fine = student(x_t, t32, torch.full_like(t32, finest)).float()
+            row["kl_fine"] = float(forward_kl(logits, fine).mean())
+        else:
+            row["kl_fine"] = 0.0
+        out[name] = row
+    return out
+
 
 DIAGNOSTICS = "diagnostics.png"  # written beside metrics.jsonl by fsdfm distill
 
