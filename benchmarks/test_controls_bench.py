@@ -17,8 +17,8 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, record, synchronize
-from test_ops_bench import inputs, token_bytes
+from conftest import DEVICES, record
+from test_ops_bench import inputs, run, token_bytes
 
 from fsdfm import ops
 
@@ -53,15 +53,6 @@ def warpers(logits, *, top_k=None, top_p=None, min_p=None, temperature=1.0, gene
     return draws.reshape(B, L)
 
 
-def timed(benchmark, device, fn):
-    def call():
-        out = fn()
-        synchronize(device)
-        return out
-
-    return benchmark(call)
-
-
 @pytest.mark.parametrize("impl", ["native", "ref"])
 @pytest.mark.parametrize("control", CONTROLS)
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,7 +65,7 @@ def test_jump_step_controls(benchmark, device, control, impl):
     alpha = (math.log(1 - 0.5) - math.log(1 - 0.5 - h)) / h
     kw = CONTROLS[control]
     benchmark.group = f"jump_step controls {device}"
-    out = timed(benchmark, device,
+    out = run(benchmark, device,
                 lambda: fn(logits, x_t, alpha, h, generator=g, validate=False, **kw))  # fmt: skip
     assert out.shape == x_t.shape
     nbytes = logits.numel() * logits.element_size() + 2 * token_bytes(logits)
@@ -99,7 +90,7 @@ def test_sample_categorical_controls(benchmark, device, control, impl):
             return draw(logits, generator=g, validate=False, **kw)
 
     benchmark.group = f"sample_categorical controls {device}"
-    timed(benchmark, device, fn)
+    run(benchmark, device, fn)
     nbytes = logits.numel() * logits.element_size() + token_bytes(logits)
     record(
         benchmark, f"sample_categorical {control} {device} {tuple(logits.shape)}", impl, nbytes,
