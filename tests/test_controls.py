@@ -104,7 +104,8 @@ def test_controls_on_awkward_rows(device, impl, shape):
     else:
         row = torch.zeros(V)
     logits = row.expand(R, 1, V).contiguous().to(device)
-    for kw in ({"top_k": 10}, {"top_p": 0.5}, {"top_k": 150, "top_p": 0.99}):
+    # top_p = 0.999 reaches into the tail, which the CPU kernel prunes by a mass bound.
+    for kw in ({"top_k": 10}, {"top_p": 0.5}, {"top_k": 150, "top_p": 0.99}, {"top_p": 0.999}):
         g = torch.Generator(device).manual_seed(17)
         out = IMPLS[impl][1](logits, generator=g, **kw)
         law = sample_law(logits[:1].cpu(), **kw)[0]

@@ -201,15 +201,36 @@ struct Candidate {
 FSDFM_INLINE uint32_t select_key(Candidate* c, int64_t n, bool by_mass, double target) {
   constexpr int kShift[3] = {21, 10, 0};
   constexpr uint32_t kDigits[3] = {0x7ff, 0x7ff, 0x3ff};
+  // Logits crowd into few bins of the top digit, and consecutive increments of one bin wait
+  // for each other: the counts go to 4 interleaved histograms (32-bit, 32 KB: within L1), the
+  // masses to 2 (float64), combined per bin in a fixed order.
+  uint32_t counts[4][2048];
+  double masses[2][2048];
   double hist[2048];
   double acc = 0.0;  // the weight of the keys above the current prefix's bin
   uint32_t key = 0;
   for (int level = 0; level < 3; ++level) {
     const int shift = kShift[level];
     const uint32_t digits = kDigits[level];
-    std::fill(hist, hist + digits + 1, 0.0);
-    for (int64_t i = 0; i < n; ++i) {
-      hist[(c[i].key >> shift) & digits] += by_mass ? static_cast<double>(c[i].mass) : 1.0;
+    if (by_mass) {
+      for (auto& h : masses) std::fill(h, h + digits + 1, 0.0);
+      int64_t i = 0;
+      for (; i + 2 <= n; i += 2) {
+        masses[0][(c[i].key >> shift) & digits] += c[i].mass;
+        masses[1][(c[i + 1].key >> shift) & digits] += c[i + 1].mass;
+      }
+      if (i < n) masses[0][(c[i].key >> shift) & digits] += c[i].mass;
+      for (uint32_t b = 0; b <= digits; ++b) hist[b] = masses[0][b] + masses[1][b];
+    } else {
+      for (auto& h : counts) std::fill(h, h + digits + 1, 0u);
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) {
+        for (int j = 0; j < 4; ++j) ++counts[j][(c[i + j].key >> shift) & digits];
+      }
+      for (; i < n; ++i) ++counts[0][(c[i].key >> shift) & digits];
+      for (uint32_t b = 0; b <= digits; ++b) {
+        hist[b] = static_cast<double>(counts[0][b]) + counts[1][b] + counts[2][b] + counts[3][b];
+      }
     }
     int64_t bin = digits;
     for (; bin >= 0 && acc + hist[bin] < target; --bin) acc += hist[bin];
@@ -225,32 +246,40 @@ FSDFM_INLINE uint32_t select_key(Candidate* c, int64_t n, bool by_mass, double t
 }
 
 // The controls' floor of one row (Controls, row_math.h), on the scaled logits; m is the row's
-// scaled maximum and `scratch` holds V candidates. Top-p's candidates are those top-k kept.
+// scaled maximum, `scratch` holds V candidates and `masses` ceil(V / kGroup) floats.
+// Top-p's candidates are the tokens top-k kept, and of those only the ones that can matter: with
+// M their mass, every token of mass below (1 - top_p) M / (2n) together weighs less than
+// (1 - top_p) M / 2, so the floor lies above them all; they are skipped by comparing their
+// scaled logit with m + ln((1 - top_p) M / (2n)), no exponential needed, and M itself comes
+// from the vectorised block masses. Only the few candidates left get a mass of their own.
 template <typename T>
 FSDFM_INLINE float control_floor(const T* row, int64_t V, const RowTask& task, float m,
-                                 Candidate* scratch) {
+                                 Candidate* scratch, float* masses) {
   const int64_t skip = task.uncounted();
   const Controls& c = task.controls;
-  uint32_t floor = order_key(kNegInf);
-  const auto gather = [&](bool masses) {
-    int64_t n = 0;
-    for (int64_t x = 0; x < V; ++x) {
-      const float s = to_float(row[x]) * task.inv_temp;
-      const uint32_t key = order_key(s);
-      if (x == skip || key < floor) continue;
-      scratch[n++] = Candidate{key, masses ? exp_nonpos(s - m) : 0.0f};
-    }
-    return n;
-  };
   const int64_t n = V - (skip >= 0 && skip < V ? 1 : 0);
+  uint32_t floor = order_key(kNegInf);
   if (c.top_k > 0 && c.top_k < n) {
-    floor = select_key(scratch, gather(false), false, static_cast<double>(c.top_k));
+    int64_t kept = 0;
+    for (int64_t x = 0; x < V; ++x) {
+      if (x != skip) scratch[kept++] = Candidate{order_key(to_float(row[x]) * task.inv_temp), 0.0f};
+    }
+    floor = select_key(scratch, kept, false, static_cast<double>(c.top_k));
   }
   if (c.top_p < 1.0) {
-    const int64_t kept = gather(true);
-    double mass = 0.0;
-    for (int64_t i = 0; i < kept; ++i) mass += scratch[i].mass;
-    if (mass > 0.0) floor = std::max(floor, select_key(scratch, kept, true, c.top_p * mass));
+    const float kept_from = key_value(floor);
+    const double mass =
+        span_masses(row, V, 0, task.inv_temp, m, kept_from, skip, masses).allowed;
+    if (!(mass > 0.0)) return kept_from;
+    const double bound = 0.5 * (1.0 - c.top_p) * mass / static_cast<double>(n);
+    const float lowest = std::max(kept_from, bound > 0.0 ? m + static_cast<float>(std::log(bound))
+                                                         : kNegInf);
+    int64_t kept = 0;
+    for (int64_t x = 0; x < V; ++x) {
+      const float s = to_float(row[x]) * task.inv_temp;
+      if (x != skip && s >= lowest) scratch[kept++] = Candidate{order_key(s), exp_nonpos(s - m)};
+    }
+    floor = std::max(floor, select_key(scratch, kept, true, c.top_p * mass));
   }
   return key_value(floor);
 }
@@ -306,7 +335,9 @@ FSDFM_INLINE int64_t draw_row(const T* row, int64_t V, const RowTask& task,
   const float m = lmax * task.inv_temp;
   if (!row_is_valid(m, bad)) return kInvalidToken;
   float thr = reach_threshold(m, task.barrier);
-  if (task.controls.active(V)) thr = std::max(thr, control_floor(row, V, task, m, values));
+  if (task.controls.active(V)) {
+    thr = std::max(thr, control_floor(row, V, task, m, values, masses));
+  }
   const RowMass mass = span_masses(row, V, 0, task.inv_temp, m, thr, task.excluded, masses);
   if (task.mode == DrawMode::kJump) {
     if (!(u.jump < jump_probability(mass, task.rate_scale, task.h))) return task.excluded;
