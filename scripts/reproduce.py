@@ -276,7 +276,7 @@ def oracle(args) -> None:
 
 
 def markov(args) -> None:
-    V, L, k = args.vocab, 128, args.order
+    V, L, k = args.vocab, args.length, args.order
     out = Path(args.out or ROOT / "runs" / f"markov{k}-{args.source}")
     out.mkdir(parents=True, exist_ok=True)
     chain = MarkovChain(V, L, order=k, concentration=args.concentration, seed=args.seed)
@@ -548,6 +548,7 @@ def main(argv=None) -> None:
             p.add_argument("--train-pairs", type=int, default=200000)
         else:
             p.add_argument("--vocab", type=int, default=256)
+            p.add_argument("--length", type=int, default=128)
             p.add_argument("--order", type=int, choices=(1, 2), default=1)
             p.add_argument("--concentration", type=float, default=0.1)
             p.add_argument("--train-seqs", type=int, default=100000)
