@@ -833,12 +833,16 @@ def plot_diagnostics(metrics_path: str | Path, png_path: str | Path) -> Path:
               ("entropy", "predictive entropy (nats)"), ("rows", "rows drawn so far")]  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     names = list(records[0]["levels"]) if records else []
+    # One colour per level from a sequential map (a grid of 1024 has 11 levels, more than the
+    # default colour cycle): dark for h = 1, light for the finest.
+    colours = plt.cm.viridis([i / max(len(names) - 1, 1) for i in range(len(names))])
     for ax, (key, label) in zip(axes, panels, strict=True):
-        for name in names:
+        for name, colour in zip(names, colours, strict=True):
             points = [(r["step"], r["levels"][name].get(key)) for r in records]
             points = [(s, v) for s, v in points if v is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=2, label=f"h = {name}")
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=2, color=colour,
+                        label=f"h = {name}")  # fmt: skip
         values = [v for r in records for row in r["levels"].values()
                   if (v := row.get(key)) is not None and v > 0]  # fmt: skip
         if values and max(values) > 100 * min(values):
