@@ -109,6 +109,7 @@ def train_pair(out: Path, data: Path, tokenizer: Path, args, preset: str, seq_le
                 out=str(out / name),
                 teacher=str(out / "teacher" / "model"),
                 teacher_type=teacher_type,
+                levels=getattr(args, "levels", "weighted"),
                 steps=args.student_steps,
                 lr=args.student_lr,
                 ema=args.ema,
@@ -552,6 +553,12 @@ def main(argv=None) -> None:
             p.add_argument("--order", type=int, choices=(1, 2), default=1)
             p.add_argument("--concentration", type=float, default=0.1)
             p.add_argument("--train-seqs", type=int, default=100000)
+            p.add_argument(
+                "--levels",
+                choices=("weighted", "uniform", "curriculum"),
+                default="weighted",
+                help="the students' step-size law (fsdfm distill --levels)",
+            )
             p.add_argument(
                 "--heun-dir",
                 default="student-heun",
