@@ -356,17 +356,18 @@ class _Run:
         changed = [k for k in new if k not in MUTABLE_KEYS and old.get(k) != new[k]]
         extended = "steps" in changed and isinstance(state["step"], int)
         if extended:
-            # A longer (or shorter, not below the step reached) schedule continues the run. A
-            # warm-up derived from steps keeps the run's own: it has happened.
+            # A longer (or shorter, not below the step reached) schedule continues the run.
             if new["steps"] < state["step"]:
                 raise ValueError(
                     f"--steps {new['steps']} is below step {state['step']}, which {self.out} "
                     "has reached"
                 )
             changed.remove("steps")
-            if "warmup" in changed and self.given_warmup is None:
-                changed.remove("warmup")
-                self.config = self.config.replace(warmup=old["warmup"])
+        if "warmup" in changed and self.given_warmup is None:
+            # A warm-up derived from steps keeps the run's own (it has happened), also when an
+            # extended run is resumed again with its new steps.
+            changed.remove("warmup")
+            self.config = self.config.replace(warmup=old["warmup"])
         if changed:
             what = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
             raise ValueError(

@@ -757,6 +757,9 @@ def test_extending_a_finished_run(corpus, tmp_path, capsys):
     assert rows[6]["lr"] == pytest.approx(lr7)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["steps"] == 10 and saved["warmup"] == warmup
+    # Resumed again with its new length, the extended run is at its end: nothing to refuse.
+    train(tiny(corpus, out, steps=10, eval_every=0, save_every=3))
+    assert "is already at step 10" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--steps 4 is below step 10"):
         train(tiny(corpus, out, steps=4))
     with pytest.raises(ValueError, match=r"another configuration \(lr: 0.001 -> 0.002\)"):
