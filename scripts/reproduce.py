@@ -294,7 +294,11 @@ def markov(args) -> None:
     solvers["teacher"] = ("dfm", "cumulative", "euler")
 
     def scores(x: torch.Tensor) -> dict[str, float]:
-        return {"nll": exact_nll(x, chain.log_prob)["per_token"], "pair_tv": chain.pair_tv(x)}
+        return {
+            "nll": exact_nll(x, chain.log_prob)["per_token"],
+            "pair_tv": chain.pair_tv(x),
+            "transition_entropy": transition_entropy(x, V)["transition_entropy"],
+        }
 
     rows = evaluate(models, args, {"chain": scores}, solvers=solvers)
     truth = chain.sample(args.samples, g)
