@@ -479,7 +479,8 @@ DISTILL = Command(
     "distill",
     "distil a DFM teacher into a few-step FS-DFM student",
     "FS-DFM distillation (SPEC 4.2): the student starts from --teacher and learns steps of "
-    "every size from a shortcut teacher (rk4 or heun) built from its own EMA.",
+    "every size from a shortcut teacher (rk4 or heun) built from its own EMA. --method redi "
+    "instead retrains the teacher on its own (noise, sample) pairs (rectified couplings).",
     _train_options("distill"),
     _train("distill"),
 )

@@ -23,6 +23,7 @@ from fsdfm.path import PolynomialSchedule
 
 __all__ = [
     "LEVEL_LAWS",
+    "METHODS",
     "STUDENT_INITS",
     "TEACHER_TYPES",
     "level_names",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 TEACHER_TYPES = ("rk4", "heun")
+# fsdfm: this module's step-size distillation; redi: rectified couplings (fsdfm.coupling).
+METHODS = ("fsdfm", "redi")
 
 
 LEVEL_LAWS = ("weighted", "uniform", "curriculum")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fsdfm.distill import LEVEL_LAWS, STUDENT_INITS, TEACHER_TYPES
+from fsdfm.distill import LEVEL_LAWS, METHODS, STUDENT_INITS, TEACHER_TYPES
 from fsdfm.model import PRESETS
 from fsdfm.options import Option, coerce
 from fsdfm.path import SOURCES
@@ -74,6 +74,10 @@ class TrainConfig:
     grid: int = 1024
     levels: str = "weighted"
     student_init: str = "teacher"
+    method: str = "fsdfm"
+    couplings: str | None = None
+    coupling_count: int = 65536
+    coupling_steps: int = 256
     seed: int = 0
     device: str | None = None
     save_every: int = 1000
@@ -145,6 +149,20 @@ _TABLE = [
         "the student's step-size layers: teacher (it starts equal to the teacher) or random "
         "(the authors')",
     ),
+    _option(
+        "method",
+        METHODS,
+        "fsdfm (the paper's step-size distillation) or redi (rectified couplings: the model "
+        "retrained on the pairs (x_0, x_1) of the teacher's own sampler)",
+    ),
+    _option(
+        "couplings",
+        str,
+        "redi: a couplings file to train on (default: OUT/couplings.safetensors, made from the "
+        "teacher)",
+    ),
+    _option("coupling_count", int, "redi: pairs made from the teacher (65536)"),
+    _option("coupling_steps", int, "redi: the teacher's sampling steps per pair (256)"),
     _option("seed", int, "random seed (0)"),
     _option("device", ("cpu", "cuda"), "cpu or cuda (default: cuda when available)"),
     _option("save_every", int, "checkpoint every N steps (1000)"),
@@ -155,7 +173,9 @@ _TABLE = [
     _option("stop_at", int, "stop after this step, keeping the schedule of --steps"),
 ]
 _ONLY = {"teacher": ("distill",), "teacher_type": ("distill",), "grid": ("distill",),
-         "levels": ("distill",), "student_init": ("distill",),
+         "levels": ("distill",), "student_init": ("distill",), "method": ("distill",),
+         "couplings": ("distill",), "coupling_count": ("distill",),
+         "coupling_steps": ("distill",),
          "preset": ("pretrain",)}  # fmt: skip
 # Every option of TrainConfig but ``mode``, and the modes it belongs to.
 OPTIONS: dict[str, tuple[Option, tuple[str, ...]]] = {
@@ -216,7 +236,7 @@ def check_config(c: TrainConfig) -> None:
     if c.mode == "distill" and c.teacher is None:
         raise ValueError("fsdfm distill needs --teacher (the pre-trained DFM model)")
     positive = ("batch_size", "grad_accum", "steps", "seq_len", "save_every", "log_every",
-                "val_batches")  # fmt: skip
+                "val_batches", "coupling_count", "coupling_steps")  # fmt: skip
     for key in (*positive, "stop_at"):
         value = getattr(c, key)
         if value is not None and value < 1:
@@ -239,6 +259,16 @@ def check_config(c: TrainConfig) -> None:
         if not (low_ok and c.ema < 1):
             span = "[0, 1)" if c.mode == "distill" else "(0, 1)"
             raise ValueError(f"ema (the EMA decay) must be in {span}, got {c.ema}")
+    if c.method == "redi":
+        fsdfm_only = [k for k in ("teacher_type", "grid", "levels", "student_init")
+                      if getattr(c, k) != getattr(TrainConfig, k)]  # fmt: skip
+        if fsdfm_only:
+            flag = "--" + fsdfm_only[0].replace("_", "-")
+            raise ValueError(f"{flag} is an option of --method fsdfm, not redi")
+    if c.couplings is not None and c.method != "redi":
+        raise ValueError("--couplings is an option of --method redi")
+    if c.couplings is not None and not Path(c.couplings).is_file():
+        raise ValueError(f"--couplings {c.couplings}: no such file")
     if c.grid < 2 or c.grid & (c.grid - 1):
         raise ValueError(f"grid must be a power of two >= 2, got {c.grid}")
     if c.tokenizer is not None and c.tokenizer not in TOKENIZERS:

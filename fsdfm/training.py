@@ -14,6 +14,7 @@ directory OUT::
     OUT/state.pt        the training state (weights, EMA, optimiser, data position, step, config),
                         written with torch.save, read with ``weights_only=True``
     OUT/data/           the token cache of text inputs (fsdfm.data)
+    OUT/couplings.safetensors  --method redi: the teacher's (x_0, x_1) pairs (fsdfm.coupling)
 
 Every file is written under a temporary name, fsynced and renamed into place, so a process killed
 at any instant leaves the last complete checkpoint loadable. Running the same command on the same
@@ -32,6 +33,16 @@ built from an EMA copy of the student.
 The batch is reordered so the data rows come first: the two groups are contiguous slices of the
 student's logits and the shortcut teacher runs on the distilled rows only. Nothing else runs: no
 frozen pre-trained teacher forward and no generator (rate) tensors (SPEC 6).
+
+Rectified couplings (``--method redi``, :mod:`fsdfm.coupling`): the model starts as a copy of
+the (DFM) teacher and is pre-trained again, with the data loss (cross-entropy by default), on
+pairs (x_0, x_1) where x_1 is the teacher's sample from that x_0: x_t from the mixture path
+between the pair's own x_0 and x_1 instead of fresh noise. The pairs are OUT/couplings.safetensors
+(made by rank 0 before the first step: coupling_count pairs, coupling_steps cumulative steps each,
+seeded from seed, in parts kept under OUT/couplings.parts/ so that a killed run resumes with the
+parts made) or the file given by ``--couplings``; their sha256 is in state.pt, and a run
+resumed with other pairs is refused. The held-out loss stays the data loss on held-out text with
+independent noise (what the rectified model gives up there is visible).
 
 Optimisation: AdamW (betas (0.9, 0.95), weight decay 0.03) on every parameter, linear warm-up to
 lr then a cosine to min_lr_ratio * lr (:func:`fsdfm.optim.learning_rate`), gradient clipping at
@@ -56,9 +67,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,6 +82,7 @@ from torch import Tensor
 from fsdfm._args import resolve_device
 from fsdfm._io import Staging, atomic_write, remove_stale_temporaries, sha256_of
 from fsdfm.checkpoint import load, save
+from fsdfm.coupling import load_couplings, rectified_couplings, save_couplings
 from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_rows
 from fsdfm.distill import (
     level_names,
@@ -96,6 +110,21 @@ STATE_FORMAT = "fsdfm-train-state"
 STATE_VERSION = 1
 STATE_MANIFEST = "state.json"  # the sha256 of state.pt (and of the one before it)
 STATE_KEYS = ("step", "config", "data_key", "model", "ema", "optimizer", "sampler")
+COUPLINGS_FILE = "couplings.safetensors"
+COUPLINGS_PARTS = "couplings.parts"  # the parts made so far, while the couplings are made
+COUPLING_BATCH = 256  # the least sampling batch for couplings (the training batch if larger)
+PART_BATCHES = 16  # sampling batches per part: what a killed run can lose
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes, in order): what the
+    teacher of a couplings file was, wherever it was loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class TrainingDiverged(ValueError):
@@ -219,7 +248,11 @@ class _Run:
         self.tokenizer_name = stream.tokenizer
         self.data_key = stream.key
         self.blocks = Blocks(stream, config.seq_len, config.val_fraction)
-        self.sampler = BlockSampler(self.blocks.n_train, config.batch_size, config.seed)
+        self.pairs, self.pairs_sha = None, None
+        if config.method == "redi":
+            self.pairs, self.pairs_sha = self._open_couplings(config, teacher)
+        rows = self.blocks.n_train if self.pairs is None else self.pairs[0].shape[0]
+        self.sampler = BlockSampler(rows, config.batch_size, config.seed)
         self.rows = rank_rows(config.batch_size, procs.rank, procs.world)
         share = self.rows.stop - self.rows.start
         if config.grad_accum > share:
@@ -293,6 +326,13 @@ class _Run:
                     f"the teacher's vocabulary ({teacher.config.real_vocab_size} real tokens) "
                     f"does not match the {config.tokenizer} tokenizer ({vocab})"
                 )
+            if config.method == "redi":  # the teacher itself, retrained on its couplings
+                model = FSDFMTransformer(
+                    teacher.config.replace(seq_len=config.seq_len, dropout=config.dropout)
+                )
+                model.load_state_dict(teacher.state_dict())
+                model.tokenizer_name = self.tokenizer_name
+                return model
             model = student_from_teacher(
                 teacher, init=config.student_init, seq_len=config.seq_len, dropout=config.dropout
             )
@@ -309,10 +349,79 @@ class _Run:
         model.tokenizer_name = self.tokenizer_name
         return model
 
+    def _open_couplings(self, config: TrainConfig, teacher) -> tuple[tuple[Tensor, Tensor], str]:
+        """((x_0, x_1) int64 [n, L] on the CPU, the file's sha256) for --method redi: the
+        --couplings file, or OUT/couplings.safetensors, which rank 0 makes from the teacher when
+        it is not there yet (a file made with other settings is refused, not replaced)."""
+        wanted = {
+            "teacher": config.teacher,
+            "teacher_weights": weights_digest(teacher),
+            "count": config.coupling_count,
+            "steps": config.coupling_steps,
+            "solver": "cumulative",
+            "seed": derive_seed(config.seed, "couplings"),
+        }
+        path = Path(config.couplings) if config.couplings else self.out / COUPLINGS_FILE
+        if config.couplings is None and self.procs.main:
+            if not path.exists():
+                self._make_couplings(path, config, teacher, wanted)
+            # Parts left by a run killed between the whole file's rename and their removal.
+            shutil.rmtree(self.out / COUPLINGS_PARTS, ignore_errors=True)
+        self.procs.barrier()
+        x_0, x_1, meta = load_couplings(path)
+        if config.couplings is None and meta != wanted:
+            what = "; ".join(f"{k}: {meta.get(k)!r} -> {v!r}" for k, v in wanted.items()
+                             if meta.get(k) != v)  # fmt: skip
+            raise ValueError(
+                f"{path} holds couplings made otherwise ({what}); use a new --out or remove it"
+            )
+        if x_1.shape[1] != config.seq_len:
+            raise ValueError(
+                f"{path}: pairs of {x_1.shape[1]} tokens, but the run has seq_len {config.seq_len}"
+            )
+        vocab = teacher.config.real_vocab_size
+        for name, x in (("x_0", x_0), ("x_1", x_1)):
+            if int(x.min()) < 0 or int(x.max()) >= vocab:
+                raise ValueError(f"{path}: {name} holds ids outside the vocabulary [0, {vocab})")
+        return (x_0, x_1), sha256_of(path)
+
+    def _make_couplings(self, path: Path, config: TrainConfig, teacher, wanted: dict) -> None:
+        """Make the teacher's couplings into ``path`` part by part (PART_BATCHES sampling batches
+        each, kept under OUT/couplings.parts/ until all are made), so that a killed run resumes
+        with the parts it made. Part i is pairs [i P, (i + 1) P) of the one-call result: batch b
+        of the whole is always seeded seed + b."""
+        batch = max(config.batch_size, COUPLING_BATCH)
+        per_part = batch * PART_BATCHES
+        n = config.coupling_count
+        parts_dir = self.out / COUPLINGS_PARTS
+        parts_dir.mkdir(exist_ok=True)
+        x_0s, x_1s = [], []
+        bar = Progress(n, "couplings", unit="pair")
+        try:
+            for i, start in enumerate(range(0, n, per_part)):
+                part = parts_dir / f"part-{i:05d}.safetensors"
+                meta = {**wanted, "part": i, "batch": batch}
+                pair = load_couplings(part) if part.exists() else None
+                if pair is None or pair[2] != meta:
+                    teacher.to(self.device).eval()
+                    pair = rectified_couplings(
+                        teacher, min(per_part, n - start), steps=config.coupling_steps,
+                        batch_size=batch, seq_len=config.seq_len,
+                        seed=wanted["seed"] + i * PART_BATCHES, device=self.device,
+                    )  # fmt: skip
+                    save_couplings(part, *pair[:2], meta)
+                x_0s.append(pair[0])
+                x_1s.append(pair[1])
+                bar.update(pair[0].shape[0])
+        finally:
+            bar.close()
+            teacher.cpu()
+        save_couplings(path, torch.cat(x_0s), torch.cat(x_1s), wanted)
+
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
     def _resolve_paths(config: TrainConfig) -> TrainConfig:
-        keys = ["data", "out", "teacher"]
+        keys = ["data", "out", "teacher", "couplings"]
         if config.tokenizer not in (None, *TOKENIZERS):  # a BPE tokenizer given by path
             keys.append("tokenizer")
         absolute = {
@@ -331,6 +440,19 @@ class _Run:
                     f"the teacher was trained with the {base.source} source, not {config.source}"
                 )
             defaults = {"lr": 1e-5, "loss": "gkl", "ema": 0.9995, "source": base.source}
+            if config.method == "redi":
+                if base.step_conditioned:
+                    raise ValueError(
+                        f"--method redi rectifies a DFM teacher; {config.teacher} is a "
+                        "step-conditioned FS-DFM student"
+                    )
+                if base.source != "uniform":
+                    raise ValueError(
+                        f"--method redi needs a teacher of the uniform source ({config.teacher} "
+                        f"has the {base.source} source, whose x_0 carries nothing to couple)"
+                    )
+                # Pre-training again, on other pairs: its loss and a pre-training-like lr.
+                defaults.update(lr=1e-4, loss="ce")
         else:
             preset = config.preset or "0.17B"
             base = ModelConfig.preset(preset)
@@ -352,7 +474,10 @@ class _Run:
                 self._write_config()
             return
         state, self.state_sha = _read_state(state_path)
-        old, new = state["config"], self.config.to_dict()
+        # A key missing from an older run's config is an option added since: that run behaved
+        # as its default does.
+        old = {**TrainConfig().to_dict(), **state["config"]}
+        new = self.config.to_dict()
         changed = [k for k in new if k not in MUTABLE_KEYS and old.get(k) != new[k]]
         extended = "steps" in changed and isinstance(state["step"], int)
         if extended:
@@ -377,6 +502,11 @@ class _Run:
         if state["data_key"] != self.data_key:
             raise ValueError(
                 f"the data changed since {self.out} was started (files modified?); use a new --out"
+            )
+        if state.get("couplings_sha") != self.pairs_sha:
+            raise ValueError(
+                f"the couplings changed since {self.out} was started (another --couplings file, "
+                "or its bytes); use a new --out"
             )
         if not isinstance(state["step"], int) or not 0 <= state["step"] <= self.config.steps:
             raise ValueError(
@@ -457,6 +587,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "level_rows": self.level_rows,
+            "couplings_sha": self.pairs_sha,
         }
         # state.json lists the sha256 of the new state and of the one it replaces, and is
         # renamed first: a crash between the two renames leaves the old state.pt, which the
@@ -512,6 +643,14 @@ class _Run:
         count = total.new_tensor(float(per_seq.shape[0]))
         stats = torch.stack([total, count, total, count, zero, zero])
         return total / n, stats.detach()
+
+    def _coupled_batch(self, indices: Tensor) -> dict:
+        """Rectified couplings: the pairs ``indices`` [B], times t and x_t on the path between
+        each pair's own x_0 and x_1."""
+        x_0, x_1 = (p[indices].to(self.device, non_blocking=True) for p in self.pairs)
+        t = torch.rand(x_1.shape[0], generator=self.noise_cpu).to(self.device, non_blocking=True)
+        x_t = self.path.sample(x_0, x_1, t, generator=self.noise_device)
+        return {"x_1": x_1, "t": t, "x_t": x_t}
 
     def _distill_batch(self, x_1: Tensor) -> dict:
         """The step's draws for the whole global batch: step sizes h, times t (CPU float64,
@@ -577,9 +716,12 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._seed_step(self.step)
-        x_1 = self.blocks.get(self.sampler.next_batch(), self.device)
-        distill = c.mode == "distill"
-        batch = self._distill_batch(x_1) if distill else self._pretrain_batch(x_1)
+        distill = c.mode == "distill" and c.method == "fsdfm"
+        if self.pairs is not None:
+            batch = self._coupled_batch(self.sampler.next_batch())
+        else:
+            x_1 = self.blocks.get(self.sampler.next_batch(), self.device)
+            batch = self._distill_batch(x_1) if distill else self._pretrain_batch(x_1)
         objective = self._distill_loss if distill else self._pretrain_loss
         self.optimizer.zero_grad(set_to_none=True)
         passes = self._passes()
@@ -620,7 +762,7 @@ class _Run:
             n = x_1.shape[0]
             t = torch.rand(n, generator=g_cpu).to(self.device, non_blocking=True)
             x_t = self._noisy(x_1, t, g_dev)
-            h = 1.0 / c.grid if c.mode == "distill" else None
+            h = 1.0 / c.grid if model.config.step_conditioned else None
             total += float(self._data_loss(model(x_t, t, h), x_1, x_t, t).sum())
             count += n
         model.train(was_training)
@@ -685,7 +827,7 @@ class _Run:
                         record["val_loss"] = self._validate(self.model)
                         if self.ema is not None:
                             record["val_loss_ema"] = self._validate(self.ema)
-                        if c.mode == "distill":
+                        if c.mode == "distill" and c.method == "fsdfm":
                             record["levels"] = self._diagnostics()
                         self._stop_if_diverged(record)
                     if metrics is not None:
@@ -751,7 +893,7 @@ class _Run:
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        if self.config.mode == "distill":
+        if self.config.mode == "distill" and self.config.method == "fsdfm":
             record["loss_data"] = data_sum / n_data if n_data else None
             record["loss_distill"] = distill_sum / n_distill if n_distill else None
             record["frac_distill"] = n_distill / n

@@ -8,6 +8,7 @@
     python scripts/reproduce.py replot runs/checkerboard-uniform  # tables and plots from JSON
     python scripts/reproduce.py figures    # docs/figures redrawn from the JSON kept there
     python scripts/reproduce.py --threads 2 caps   # exact caps on a CPU-sized Markov chain
+    python scripts/reproduce.py --threads 2 redi   # rectified couplings on that chain
 
 Each problem: write the training set as a token file, pre-train a DFM teacher and distil an
 FS-DFM student with :func:`fsdfm.training.train` (the code behind ``fsdfm pretrain`` /
@@ -21,6 +22,13 @@ when finished); ``--student-dir NAME`` distils another student from the same tea
 ``oracle`` samples the checkerboard with its exact denoiser (:class:`ExactPosterior`, no training):
 what each solver reaches with a perfect teacher, the ceiling of any sampler that draws the
 positions of a step independently (a DFM teacher's and an FS-DFM student's alike).
+
+``redi`` runs ``fsdfm distill --method redi`` (:mod:`fsdfm.coupling`) on the CPU-sized chain of
+``caps``, from the teacher of ``markov --vocab 32 --length 32`` (``--run``): the teacher's own
+couplings (the mode as users run it), and, to tell the method apart from the teacher's
+shortfall, the same retraining on pairs from the exact posterior (rectified: x_1 sampled from
+that x_0) against the same number of independent pairs (x_1 the chain's own samples, x_0 fresh
+noise: plain DFM training). Every model is scored by exact NLL, pair TV and transition entropy.
 
 ``text`` evaluates the teacher and student of ``scripts/train_default.sh`` (its WORK directory,
 ``--run``) on real text: generative perplexity under an autoregressive GPT-2 that it first trains
@@ -47,7 +55,14 @@ import torch
 
 from fsdfm._args import resolve_device
 from fsdfm.checkpoint import load
-from fsdfm.evaluation import gen_ppl_metric, sweep, temperature_frontier, write_results
+from fsdfm.coupling import rectified_couplings, save_couplings
+from fsdfm.evaluation import (
+    gen_ppl_metric,
+    plot_frontier,
+    sweep,
+    temperature_frontier,
+    write_results,
+)
 from fsdfm.metrics import elbo, exact_nll, transition_entropy, unigram_entropy
 from fsdfm.scorer import train_scorer
 from fsdfm.synthetic import (
@@ -276,6 +291,27 @@ def oracle(args) -> None:
     print(paths["md"].read_text())
 
 
+def chain_scores(chain: MarkovChain):
+    """The metric of a chain's samples: exact NLL, pair TV, transition entropy (bits)."""
+
+    def scores(x: torch.Tensor) -> dict[str, float]:
+        return {
+            "nll": exact_nll(x, chain.log_prob)["per_token"],
+            "pair_tv": chain.pair_tv(x),
+            "transition_entropy": transition_entropy(x, chain.vocab_size)["transition_entropy"],
+        }
+
+    return scores
+
+
+def own_samples_row(chain: MarkovChain, n: int, seed: int) -> dict:
+    """A results row of n of the chain's own samples (seeded): the floor of pair TV and the
+    plug-in bias of transition entropy at that n."""
+    own = chain.sample(n, torch.Generator().manual_seed(seed))
+    return {"model": "chain's own samples", "solver": "-", "steps": 0, "nfe": 0, "n": n,
+            **chain_scores(chain)(own)}  # fmt: skip
+
+
 def markov(args) -> None:
     V, L, k = args.vocab, args.length, args.order
     out = Path(args.out or ROOT / "runs" / f"markov{k}-{args.source}")
@@ -293,14 +329,7 @@ def markov(args) -> None:
     solvers = {name: ("cumulative", "euler") for name in models}
     solvers["teacher"] = ("dfm", "cumulative", "euler")
 
-    def scores(x: torch.Tensor) -> dict[str, float]:
-        return {
-            "nll": exact_nll(x, chain.log_prob)["per_token"],
-            "pair_tv": chain.pair_tv(x),
-            "transition_entropy": transition_entropy(x, V)["transition_entropy"],
-        }
-
-    rows = evaluate(models, args, {"chain": scores}, solvers=solvers)
+    rows = evaluate(models, args, {"chain": chain_scores(chain)}, solvers=solvers)
     truth = chain.sample(args.samples, g)
     held_out = chain.sample(200, g)
     note = (
@@ -343,26 +372,15 @@ def caps(args) -> None:
         out = Path(args.out or ROOT / "runs") / tag
         chain = MarkovChain(V, L, order=1, concentration=concentration, seed=args.seed)
         posterior = MarkovPosterior(chain)
-
-        def scores(x: torch.Tensor, chain=chain) -> dict[str, float]:
-            joint = transition_entropy(x, V)
-            return {
-                "nll": exact_nll(x, chain.log_prob)["per_token"],
-                "pair_tv": chain.pair_tv(x),
-                "transition_entropy": joint["transition_entropy"],
-            }
-
         common = dict(n_samples=args.samples, batch_size=args.samples, seed=args.seed,
-                      metric_fns={"chain": scores}, progress=False,
+                      metric_fns={"chain": chain_scores(chain)}, progress=False,
                       sample_kwargs={"seq_len": L, "vocab_size": V})  # fmt: skip
         rows = sweep({"exact posterior": posterior}, steps=args.steps,
                      solvers=("cumulative", "euler", "dfm"), **common)  # fmt: skip
         name = f"frontier, {args.frontier_steps} steps"
         rows += temperature_frontier(posterior, args.temperatures, steps=args.frontier_steps,
                                      name=name, **common)  # fmt: skip
-        own = chain.sample(args.samples, torch.Generator().manual_seed(args.seed + 1))
-        truth = {"model": "chain's own samples", "solver": "-", "steps": 0, "nfe": 0,
-                 "n": args.samples, **scores(own)}  # fmt: skip
+        truth = own_samples_row(chain, args.samples, args.seed + 1)
         note = (
             f"Order-1 Markov chain, V = {V}, L = {L}, Dirichlet({concentration:g}) rows (seed "
             f"{args.seed}): exact NLL {chain.expected_nll:.4f} nats/token in expectation, "
@@ -378,6 +396,101 @@ def caps(args) -> None:
         shutil.copy(paths["png"], figures / f"{tag}.png")
         shutil.copy(paths["json"], figures / f"{tag}.json")
         print(paths["md"].read_text())
+
+
+def redi(args) -> None:
+    """Rectified couplings on the CPU-sized chain (see the module docstring)."""
+    run = Path(args.run)
+    teacher = run / "teacher" / "model"
+    if not teacher.is_dir():
+        raise SystemExit(f"no teacher at {teacher}: run reproduce.py markov --vocab 32 ... first")
+    chain = MarkovChain(args.vocab, args.length, order=1, concentration=args.concentration,
+                        seed=args.seed)  # fmt: skip
+    V, L, n = args.vocab, args.length, args.pairs
+    pairs = {}
+    exact = run / "couplings-exact.safetensors"
+    if not exact.is_file():
+        x_0, x_1 = rectified_couplings(MarkovPosterior(chain), n, steps=args.coupling_steps,
+                                       batch_size=2048, seq_len=L, vocab_size=V, seed=args.seed,
+                                       progress=True)  # fmt: skip
+        save_couplings(exact, x_0, x_1, {"model": "exact posterior", "steps": args.coupling_steps,
+                                         "seed": args.seed})  # fmt: skip
+    pairs["redi-exact"] = exact
+    independent = run / "couplings-independent.safetensors"
+    if not independent.is_file():
+        g = torch.Generator().manual_seed(args.seed + 1)
+        x_1 = chain.sample(n, g)
+        x_0 = torch.randint(0, V, (n, L), generator=g)
+        save_couplings(independent, x_0, x_1, {"model": "the chain, independent x_0",
+                                               "seed": args.seed + 1})  # fmt: skip
+    pairs["dfm-independent"] = independent
+    common = {"data": str(run / "train.bin"), "method": "redi", "batch_size": args.batch_size,
+              "lr": args.lr, "warmup": args.train_steps // 20, "ema": 0.999, "log_every": 50,
+              "device": "cpu", "seed": args.seed}  # fmt: skip
+    seconds = {}
+    # (name, its teacher, its couplings file: None = the mode makes them from its teacher,
+    # training steps); rounds 2.. rectify redi-exact again with the mode, each from the last.
+    steps = args.train_steps
+    plan = [("redi-teacher", teacher, None, steps),
+            *((k, teacher, v, steps) for k, v in pairs.items())]  # fmt: skip
+    plan += [(f"redi-exact-r{r}", run / ("redi-exact" if r == 2 else f"redi-exact-r{r - 1}")
+              / "model_ema", None, steps) for r in range(2, args.rounds + 1)]  # fmt: skip
+    if args.long_train_steps:  # redi-exact trained longer (the same warm-up)
+        long = args.long_train_steps
+        plan.append((f"redi-exact-{long // 1000}k", teacher, exact, long))
+    for name, source, path, steps in plan:
+        options = dict(common, teacher=str(source), couplings=None if path is None else str(path),
+                       steps=steps, eval_every=steps // 4, save_every=steps // 4)  # fmt: skip
+        if path is None:
+            options.update(coupling_count=n, coupling_steps=args.teacher_coupling_steps)
+        start = time.perf_counter()
+        train(TrainConfig(mode="distill", out=str(run / name), **options))
+        seconds[name] = round(time.perf_counter() - start)
+    models = {"teacher": load(teacher).eval()}
+    models.update({name: load(run / name / "model_ema").eval() for name in seconds})
+    # The FS-DFM students of the same teacher (reproduce.py markov), where they were made.
+    students = {"fsdfm, 1/h levels": "student-w", "fsdfm, uniform levels": "student-u"}
+    for name, directory in students.items():
+        if (run / directory / "model_ema").is_dir():
+            models[name] = load(run / directory / "model_ema").eval()
+    grid = dict(steps=args.steps, solvers=("cumulative",), n_samples=args.samples,
+                batch_size=args.samples, metric_fns={"chain": chain_scores(chain)},
+                seed=args.seed)  # fmt: skip
+    rows = sweep(models, **grid)
+    # The exact caps (T = 1) and the temperature frontier at every step count: a model below
+    # the T = 1 row gained past the factorised step; one that only matches a colder row sharpened.
+    posterior = MarkovPosterior(chain)
+    for temperature in args.temperatures:
+        kwargs = {"seq_len": L, "vocab_size": V, "temperature": temperature}
+        rows += sweep({f"exact posterior, T = {temperature:g}": posterior}, sample_kwargs=kwargs,
+                      **grid)  # fmt: skip
+    truth = own_samples_row(chain, args.samples, args.seed + 2)
+    note = (
+        f"Order-1 Markov chain, V = {V}, L = {L}, Dirichlet({args.concentration:g}) (seed "
+        f"{args.seed}): the chain's own samples score NLL {truth['nll']:.4f}, pair TV "
+        f"{truth['pair_tv']:.4f}, transition entropy {truth['transition_entropy']:.4f} bits. "
+        f"Each model retrained from the teacher ({teacher}) for {args.train_steps} steps on "
+        f"{n} pairs: redi-teacher on the teacher's own {args.teacher_coupling_steps}-step "
+        f"couplings (fsdfm distill --method redi), redi-exact on the exact posterior's "
+        f"{args.coupling_steps}-step couplings, dfm-independent on the chain's samples with "
+        f"independent noise (plain DFM training, the control); redi-exact-rN: the mode again "
+        f"from round N - 1's model, on its own {args.teacher_coupling_steps}-step couplings; "
+        f"redi-exact-Nk: redi-exact trained N thousand steps. "
+        f"Training seconds (this invocation, couplings included): "
+        f"{json.dumps(seconds)}."
+    )
+    paths = write_results(rows + [truth], run / "eval-redi", quality="nll", note=note,
+                          title=f"rectified couplings, V = {V}, L = {L}")  # fmt: skip
+    frontier = [f"exact posterior, T = {t:g}" for t in args.temperatures]
+    plot_frontier(rows, run / "eval-redi" / "frontier.png", frontier=frontier,
+                  steps=[s for s in args.steps if s > 1], reference=truth,
+                  title=f"rectified couplings against the temperature frontier, V = {V}, "
+                  f"L = {L}")  # fmt: skip
+    figures = Path(args.figures)
+    shutil.copy(paths["png"], figures / f"redi-v{V}-l{L}.png")
+    shutil.copy(paths["json"], figures / f"redi-v{V}-l{L}.json")
+    shutil.copy(run / "eval-redi" / "frontier.png", figures / f"redi-v{V}-l{L}-frontier.png")
+    print(paths["md"].read_text())
 
 
 def text(args) -> None:
@@ -600,6 +713,33 @@ def main(argv=None) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="runs directory (default runs/)")
     c.add_argument("--figures", default=str(FIGURES))
+    d = sub.add_parser("redi", help="rectified couplings (distill --method redi) on that chain")
+    d.add_argument(
+        "--run",
+        default=str(ROOT / "runs" / "markov-cpu"),
+        help="a markov run with --vocab 32 --length 32 (its teacher and train.bin)",
+    )
+    d.add_argument("--vocab", type=int, default=32)
+    d.add_argument("--length", type=int, default=32)
+    d.add_argument("--concentration", type=float, default=0.1)
+    d.add_argument("--pairs", type=int, default=32768)
+    d.add_argument("--coupling-steps", type=int, default=128, help="the exact posterior's")
+    d.add_argument("--teacher-coupling-steps", type=int, default=64)
+    d.add_argument("--train-steps", type=int, default=3000)
+    d.add_argument("--rounds", type=int, default=1, help="rectifications of redi-exact")
+    d.add_argument(
+        "--long-train-steps",
+        type=int,
+        default=0,
+        help="also train redi-exact this long (e.g. 9000: redi-exact-9k)",
+    )
+    d.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.9, 0.8])
+    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--lr", type=float, default=5e-4)
+    d.add_argument("--steps", type=_steps, default=(1, 2, 4, 8, 16))
+    d.add_argument("--samples", type=int, default=2048)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--figures", default=str(FIGURES))
     f = sub.add_parser("figures", help="redraw docs/figures from the sweeps kept there as JSON")
     f.add_argument("--figures", default=str(FIGURES), help="the figures directory")
     parser.add_argument(
@@ -619,6 +759,7 @@ def main(argv=None) -> None:
         "replot": replot,
         "figures": replot_figures,
         "caps": caps,
+        "redi": redi,
     }
     problems[args.problem](args)
 

@@ -10,7 +10,7 @@ from laws import correlated_law
 
 import fsdfm
 from fsdfm.cli import main
-from fsdfm.evaluation import sweep, write_results
+from fsdfm.evaluation import plot_frontier, sweep, write_results
 from fsdfm.metrics import elbo, exact_nll
 from fsdfm.synthetic import (
     ExactPosterior,
@@ -405,3 +405,23 @@ def test_plots_draw_error_bars_the_baseline_and_its_band(tmp_path, monkeypatch):
     assert len(bars) == 4 and all(e is not None for e in bars)
     assert [args[0] for name, args, _ in calls if name == "axhline"] == [2.0, 5.0]
     assert [args[:2] for name, args, _ in calls if name == "axhspan"] == [(1.8, 2.2)]
+
+
+def test_plot_frontier_places_models_on_the_reference_curve(tmp_path):
+    def row(model, steps, nll, te):
+        return {"model": model, "solver": "cumulative", "steps": steps, "nll": nll,
+                "transition_entropy": te}  # fmt: skip
+
+    rows = [row("ref, T = 1", 4, 3.0, 3.5), row("ref, T = 0.8", 4, 2.5, 3.1),
+            row("ref, T = 1", 8, 2.4, 2.9), row("ref, T = 0.8", 8, 2.1, 2.7),
+            row("mine", 4, 2.4, 3.2), row("mine", 8, 2.0, 2.8)]  # fmt: skip
+    frontier = ["ref, T = 1", "ref, T = 0.8"]
+    truth = {"model": "law", "nll": 1.8, "transition_entropy": 2.5}
+    path = plot_frontier(rows, tmp_path / "f.png", frontier=frontier, steps=[4, 8],
+                         reference=truth)  # fmt: skip
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no rows of the frontier models .* at 16 steps"):
+        plot_frontier(rows, tmp_path / "g.png", frontier=frontier, steps=[16])
+    with pytest.raises(ValueError, match="row 'mine' at 4 steps has no 'transition_entropy'"):
+        plot_frontier([*rows[:4], {**rows[4], "transition_entropy": None}], tmp_path / "h.png",
+                      frontier=frontier, steps=[4])  # fmt: skip

@@ -15,7 +15,7 @@ LAYERS = {
     "model": 2, "head": 2,
     "checkpoint": 3, "data": 3,
     "solver": 4, "losses": 4, "optim": 4, "distill": 4,
-    "generation": 5, "metrics": 5, "train_config": 5,
+    "generation": 5, "metrics": 5, "train_config": 5, "coupling": 5,
     "synthetic": 6,
     "training": 7, "scorer": 7, "evaluation": 7,
     "cli": 8,

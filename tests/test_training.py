@@ -30,16 +30,6 @@ from fsdfm.train_config import config_from_sources
 from fsdfm.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCES = ["the cat sat on the mat. ", "a dog ran in the park. ", "birds sing at dawn. "]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A learnable byte-level corpus: three sentences in a random order (about 30 KB)."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(rng.choice(SENTENCES) for _ in range(1200)))
-    return path
 
 
 def tiny(corpus, out, **overrides):
@@ -809,3 +799,20 @@ def test_distillation_with_other_choices(corpus, teacher_dir, tmp_path, levels, 
     if levels == "curriculum":  # h = 1 opens at 3/4 of the run (step 3 of 4); 1/2 at step 2
         assert at_2["levels"]["1"]["rows"] == 0 and at_2["levels"]["1/2"]["rows"] == 0
         assert at_2["levels"]["1/8"]["rows"] + at_2["levels"]["1/4"]["rows"] == 16
+
+
+def test_a_run_from_before_an_option_existed_resumes(corpus, tmp_path):
+    """A state whose config lacks options added since (here the redi ones) resumes: the run
+    behaved as their defaults do. A changed known option is still refused."""
+    out = tmp_path / "run"
+    train(tiny(corpus, out, steps=6, stop_at=3, eval_every=0, save_every=3))
+    state = torch.load(out / "state.pt", weights_only=True)
+    for key in ("method", "couplings", "coupling_count", "coupling_steps"):
+        del state["config"][key]
+    torch.save(state, out / "state.pt")
+    manifest = {"format": training.STATE_FORMAT, "sha256": [training.sha256_of(out / "state.pt")]}
+    (out / training.STATE_MANIFEST).write_text(json.dumps(manifest))
+    train(tiny(corpus, out, steps=6, eval_every=0, save_every=3))
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+    with pytest.raises(ValueError, match=r"another configuration \(lr: 0.001 -> 0.002\)"):
+        train(tiny(corpus, out, steps=6, lr=2e-3))
