@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fsdfm._args import model_device
 from fsdfm._io import atomic_write, sha256_of
 from fsdfm.progress import Progress
 from fsdfm.solver import sample_iter
@@ -62,7 +63,7 @@ def rectified_couplings(
             "source"
         )
     if device is None:
-        device = next(model.parameters()).device if config is not None else "cpu"
+        device = model_device(model) or "cpu"
     x_0s, x_1s = [], []
     bar = Progress(n, "couplings", unit="pair", enabled=progress)
     try:

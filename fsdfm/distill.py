@@ -29,6 +29,7 @@ __all__ = [
     "level_names",
     "level_of",
     "level_weights",
+    "model_copy",
     "sample_step_sizes",
     "shortcut_teacher",
     "student_from_teacher",
@@ -87,6 +88,14 @@ def sample_step_sizes(
 STUDENT_INITS = ("teacher", "random")
 
 
+def model_copy(model: FSDFMTransformer, **config_changes) -> FSDFMTransformer:
+    """A new model of ``model``'s config (with ``config_changes``), weights and tokenizer."""
+    new = FSDFMTransformer(model.config.replace(**config_changes))
+    new.load_state_dict(model.state_dict())
+    new.tokenizer_name = model.tokenizer_name
+    return new
+
+
 def student_from_teacher(
     teacher: FSDFMTransformer, init: str = "teacher", **config_changes
 ) -> FSDFMTransformer:
@@ -106,10 +115,7 @@ def student_from_teacher(
     keeps its fresh initialisation: h enters through the fuser's h columns, which start at zero
     but receive gradient from the first step."""
     if teacher.config.step_conditioned:
-        student = FSDFMTransformer(teacher.config.replace(**config_changes))
-        student.load_state_dict(teacher.state_dict())
-        student.tokenizer_name = teacher.tokenizer_name
-        return student
+        return model_copy(teacher, **config_changes)
     student = FSDFMTransformer(teacher.config.replace(step_conditioned=True, **config_changes))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     new_layers = ("dt_embedding.", "time_condition_fuser.", "condition_fuser.")

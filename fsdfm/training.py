@@ -87,6 +87,7 @@ from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_r
 from fsdfm.distill import (
     level_names,
     level_of,
+    model_copy,
     sample_step_sizes,
     shortcut_teacher,
     student_from_teacher,
@@ -248,6 +249,8 @@ class _Run:
         self.tokenizer_name = stream.tokenizer
         self.data_key = stream.key
         self.blocks = Blocks(stream, config.seq_len, config.val_fraction)
+        # FS-DFM's objective (the shortcut teacher), not pre-training's (also --method redi's).
+        self.shortcut = config.mode == "distill" and config.method == "fsdfm"
         self.pairs, self.pairs_sha = None, None
         if config.method == "redi":
             self.pairs, self.pairs_sha = self._open_couplings(config, teacher)
@@ -326,16 +329,11 @@ class _Run:
                     f"the teacher's vocabulary ({teacher.config.real_vocab_size} real tokens) "
                     f"does not match the {config.tokenizer} tokenizer ({vocab})"
                 )
+            changes = {"seq_len": config.seq_len, "dropout": config.dropout}
             if config.method == "redi":  # the teacher itself, retrained on its couplings
-                model = FSDFMTransformer(
-                    teacher.config.replace(seq_len=config.seq_len, dropout=config.dropout)
-                )
-                model.load_state_dict(teacher.state_dict())
-                model.tokenizer_name = self.tokenizer_name
-                return model
-            model = student_from_teacher(
-                teacher, init=config.student_init, seq_len=config.seq_len, dropout=config.dropout
-            )
+                model = model_copy(teacher, **changes)
+            else:
+                model = student_from_teacher(teacher, init=config.student_init, **changes)
         else:
             model = FSDFMTransformer(
                 ModelConfig.preset(
@@ -353,23 +351,25 @@ class _Run:
         """((x_0, x_1) int64 [n, L] on the CPU, the file's sha256) for --method redi: the
         --couplings file, or OUT/couplings.safetensors, which rank 0 makes from the teacher when
         it is not there yet (a file made with other settings is refused, not replaced)."""
-        wanted = {
-            "teacher": config.teacher,
-            "teacher_weights": weights_digest(teacher),
-            "count": config.coupling_count,
-            "steps": config.coupling_steps,
-            "solver": "cumulative",
-            "seed": derive_seed(config.seed, "couplings"),
-        }
-        path = Path(config.couplings) if config.couplings else self.out / COUPLINGS_FILE
-        if config.couplings is None and self.procs.main:
+        own = config.couplings is None
+        path = self.out / COUPLINGS_FILE if own else Path(config.couplings)
+        if own:  # what the run's own file must have been made from
+            wanted = {
+                "teacher": config.teacher,
+                "teacher_weights": weights_digest(teacher),
+                "count": config.coupling_count,
+                "steps": config.coupling_steps,
+                "solver": "cumulative",
+                "seed": derive_seed(config.seed, "couplings"),
+            }
+        if own and self.procs.main:
             if not path.exists():
                 self._make_couplings(path, config, teacher, wanted)
             # Parts left by a run killed between the whole file's rename and their removal.
             shutil.rmtree(self.out / COUPLINGS_PARTS, ignore_errors=True)
         self.procs.barrier()
         x_0, x_1, meta = load_couplings(path)
-        if config.couplings is None and meta != wanted:
+        if own and meta != wanted:
             what = "; ".join(f"{k}: {meta.get(k)!r} -> {v!r}" for k, v in wanted.items()
                              if meta.get(k) != v)  # fmt: skip
             raise ValueError(
@@ -609,17 +609,21 @@ class _Run:
         self.noise_device.manual_seed(derive_seed(self.config.seed, "noise-device", step))
         torch.manual_seed(derive_seed(self.config.seed, "dropout", step, self.procs.rank))
 
-    def _noisy(self, x_1: Tensor, t: Tensor, g_device: torch.Generator) -> Tensor:
-        """x_t [B, L] from data x_1 [B, L] at times t [B] (float32 on the device)."""
-        B, L = x_1.shape
-        x_0 = sample_source(
-            self.config.source,
-            B,
-            L,
-            self.model.config.vocab_size,
-            device=self.device,
-            generator=g_device,
-        )
+    def _noisy(
+        self, x_1: Tensor, t: Tensor, g_device: torch.Generator, x_0: Tensor | None = None
+    ) -> Tensor:
+        """x_t [B, L] from data x_1 [B, L] at times t [B] (float32 on the device), on the path
+        from x_0 (default: a fresh draw of the source; --method redi: the pairs' own)."""
+        if x_0 is None:
+            B, L = x_1.shape
+            x_0 = sample_source(
+                self.config.source,
+                B,
+                L,
+                self.model.config.vocab_size,
+                device=self.device,
+                generator=g_device,
+            )
         return self.path.sample(x_0, x_1, t, generator=g_device)
 
     def _data_loss(self, logits: Tensor, x_1: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -628,10 +632,11 @@ class _Run:
             return cross_entropy(logits, x_1).mean(-1)
         return generalized_kl(logits, x_1, x_t, t, self.schedule).mean(-1)
 
-    def _pretrain_batch(self, x_1: Tensor) -> dict:
-        """The step's noise for the whole global batch x_1 [B, L]: times t and noisy x_t."""
+    def _pretrain_batch(self, x_1: Tensor, x_0: Tensor | None = None) -> dict:
+        """The step's noise for the whole global batch x_1 [B, L]: times t and noisy x_t (on
+        the path from ``x_0`` when given: the couplings of --method redi)."""
         t = torch.rand(x_1.shape[0], generator=self.noise_cpu).to(self.device, non_blocking=True)
-        return {"x_1": x_1, "t": t, "x_t": self._noisy(x_1, t, self.noise_device)}
+        return {"x_1": x_1, "t": t, "x_t": self._noisy(x_1, t, self.noise_device, x_0)}
 
     def _pretrain_loss(self, batch: dict, rows: slice, n: int) -> tuple[Tensor, Tensor]:
         """(loss, stats [6]) of ``rows`` of the batch, the loss divided by n (the process's
@@ -643,14 +648,6 @@ class _Run:
         count = total.new_tensor(float(per_seq.shape[0]))
         stats = torch.stack([total, count, total, count, zero, zero])
         return total / n, stats.detach()
-
-    def _coupled_batch(self, indices: Tensor) -> dict:
-        """Rectified couplings: the pairs ``indices`` [B], times t and x_t on the path between
-        each pair's own x_0 and x_1."""
-        x_0, x_1 = (p[indices].to(self.device, non_blocking=True) for p in self.pairs)
-        t = torch.rand(x_1.shape[0], generator=self.noise_cpu).to(self.device, non_blocking=True)
-        x_t = self.path.sample(x_0, x_1, t, generator=self.noise_device)
-        return {"x_1": x_1, "t": t, "x_t": x_t}
 
     def _distill_batch(self, x_1: Tensor) -> dict:
         """The step's draws for the whole global batch: step sizes h, times t (CPU float64,
@@ -716,13 +713,14 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._seed_step(self.step)
-        distill = c.mode == "distill" and c.method == "fsdfm"
+        indices = self.sampler.next_batch()
         if self.pairs is not None:
-            batch = self._coupled_batch(self.sampler.next_batch())
+            x_0, x_1 = (p[indices].to(self.device, non_blocking=True) for p in self.pairs)
+            batch = self._pretrain_batch(x_1, x_0)
         else:
-            x_1 = self.blocks.get(self.sampler.next_batch(), self.device)
-            batch = self._distill_batch(x_1) if distill else self._pretrain_batch(x_1)
-        objective = self._distill_loss if distill else self._pretrain_loss
+            x_1 = self.blocks.get(indices, self.device)
+            batch = self._distill_batch(x_1) if self.shortcut else self._pretrain_batch(x_1)
+        objective = self._distill_loss if self.shortcut else self._pretrain_loss
         self.optimizer.zero_grad(set_to_none=True)
         passes = self._passes()
         n = self.rows.stop - self.rows.start
@@ -827,7 +825,7 @@ class _Run:
                         record["val_loss"] = self._validate(self.model)
                         if self.ema is not None:
                             record["val_loss_ema"] = self._validate(self.ema)
-                        if c.mode == "distill" and c.method == "fsdfm":
+                        if self.shortcut:
                             record["levels"] = self._diagnostics()
                         self._stop_if_diverged(record)
                     if metrics is not None:
@@ -893,7 +891,7 @@ class _Run:
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        if self.config.mode == "distill" and self.config.method == "fsdfm":
+        if self.shortcut:
             record["loss_data"] = data_sum / n_data if n_data else None
             record["loss_distill"] = distill_sum / n_distill if n_distill else None
             record["frac_distill"] = n_distill / n
