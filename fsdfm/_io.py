@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -117,6 +118,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     with Staging() as stage:
         stage.write(Path(path), write)
         stage.commit()
+
+
+def figure_bytes(fig, fmt: str = "png", dpi: int = 90) -> bytes:
+    """A matplotlib figure rendered to bytes (written with :func:`atomic_write` or a
+    :class:`Staging`, never straight into its target)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=dpi)
+    return buffer.getvalue()
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names (png without one)."""
+    path = Path(path)
+    data = figure_bytes(fig, path.suffix.lstrip(".") or "png", dpi)
+    atomic_write(path, lambda f: f.write(data))
+    return path
 
 
 def sha256_of(path: Path) -> str:

@@ -26,6 +26,7 @@ from fsdfm._args import (
     resolve_device,
     seeded_generator,
 )
+from fsdfm._io import Staging, figure_bytes, save_figure
 from fsdfm.metrics import generative_perplexity, load_scorer, unigram_entropy
 from fsdfm.progress import Progress
 from fsdfm.solver import SOLVERS
@@ -234,15 +235,21 @@ def write_results(
     elif quality not in metrics:
         raise ValueError(f"quality {quality!r} is not a metric of the rows: {metrics}")
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
-    paths["json"].write_text(json.dumps(list(rows), indent=1) + "\n")
     text = []
     if title:
         text.append(f"# {title}\n")
     if note:
         text.append(note.strip() + "\n")
     text.append(markdown_table(rows))
-    paths["md"].write_text("\n".join(text))
-    _plot(rows, paths["png"], quality, title, lower_is_better)
+    contents = {
+        "json": (json.dumps(list(rows), indent=1) + "\n").encode(),
+        "md": "\n".join(text).encode(),
+        "png": _plot(rows, quality, title, lower_is_better),
+    }
+    with Staging() as stage:  # all rendered first: an error leaves the old files as they were
+        for key, data in contents.items():
+            stage.write(paths[key], lambda f, data=data: f.write(data))
+        stage.commit()
     return paths
 
 
@@ -259,10 +266,11 @@ def baseline_row(rows: Sequence[dict]) -> dict | None:
     return max(dfm, key=lambda r: r["steps"]) if dfm else None
 
 
-def _plot(rows, path: Path, quality: str | None, title: str | None, lower_is_better: bool):
-    """Quality and entropy against the steps (log axis), one line per model and solver, with
-    error bars where the rows carry ``<key>_se``; the DFM baseline (:func:`baseline_row`) as a
-    dashed line, and on the quality panel the band within 10% of it (the paper's target)."""
+def _plot(rows, quality: str | None, title: str | None, lower_is_better: bool) -> bytes:
+    """The PNG of quality and entropy against the steps (log axis), one line per model and
+    solver, with error bars where the rows carry ``<key>_se``; the DFM baseline
+    (:func:`baseline_row`) as a dashed line, and on the quality panel the band within 10% of it
+    (the paper's target)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -306,8 +314,9 @@ def _plot(rows, path: Path, quality: str | None, title: str | None, lower_is_bet
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    png = figure_bytes(fig)
     plt.close(fig)
+    return png
 
 
 def plot_frontier(
@@ -362,8 +371,7 @@ def plot_frontier(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 

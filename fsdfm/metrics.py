@@ -196,8 +196,9 @@ def elbo(
     model: an fsdfm model or a callable ``model(x_t, t, h) -> logits``; h is the step size passed
         to it: a teacher ignores it, a step-conditioned student is evaluated at ``h`` (default the
         smallest trained step, 1/1024, where it is trained on data like a teacher).
-    source, vocab_size: of the path (default: the model's config; a bare callable without one
-        needs them: ``vocab_size`` counts the mask token with a mask source).
+    source, vocab_size: of the path (default: the model's config, else the callable's own
+        ``source`` and ``vocab_size`` attributes; a bare callable without them needs them:
+        ``vocab_size`` counts the mask token with a mask source).
     Returns {"nats_per_token", "perplexity_bound" (= exp of it), "per_time" [n_times] (the
     integrand per token at each t_k), "times"}.
     """
@@ -206,12 +207,14 @@ def elbo(
     if not 0 < h <= 1:
         raise ValueError(f"h must be in (0, 1], got {h!r}")
     positive_int(batch_size, "batch_size")
-    config = getattr(model, "config", None)
+    # An fsdfm model's config, else the callable's own attributes (the exact posteriors of
+    # fsdfm.synthetic carry source and vocab_size).
+    config = getattr(model, "config", model)
     source = source or getattr(config, "source", None) or "uniform"
     check_source(source)
     vocab_size = vocab_size or getattr(config, "vocab_size", None)
     if vocab_size is None:
-        raise ValueError("pass vocab_size for a model without a config")
+        raise ValueError("pass vocab_size for a model without a config or a vocab_size")
     if int(tokens.max()) >= vocab_size - (source == "mask"):
         raise ValueError(f"tokens hold id {int(tokens.max())}, outside the model's vocabulary")
     device = torch.device(device or model_device(model) or "cpu")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fsdfm._args import resolve_device
+from fsdfm._io import atomic_write
 from fsdfm.data import Blocks, BlockSampler, prepare_tokens
 from fsdfm.optim import learning_rate
 from fsdfm.progress import Progress
@@ -101,5 +102,6 @@ def train_scorer(
         "tokens": steps * batch_size * seq_len,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    (out / "scorer.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = (json.dumps(result, indent=2) + "\n").encode()
+    atomic_write(out / "scorer.json", lambda f: f.write(text))
     return result

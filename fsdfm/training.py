@@ -80,7 +80,13 @@ import torch
 from torch import Tensor
 
 from fsdfm._args import resolve_device
-from fsdfm._io import Staging, atomic_write, remove_stale_temporaries, sha256_of
+from fsdfm._io import (
+    Staging,
+    atomic_write,
+    remove_stale_temporaries,
+    save_figure,
+    sha256_of,
+)
 from fsdfm.checkpoint import load, save
 from fsdfm.coupling import load_couplings, rectified_couplings, save_couplings
 from fsdfm.data import Blocks, BlockSampler, derive_seed, prepare_tokens, rank_rows
@@ -349,8 +355,9 @@ class _Run:
 
     def _open_couplings(self, config: TrainConfig, teacher) -> tuple[tuple[Tensor, Tensor], str]:
         """((x_0, x_1) int64 [n, L] on the CPU, the file's sha256) for --method redi: the
-        --couplings file, or OUT/couplings.safetensors, which rank 0 makes from the teacher when
-        it is not there yet (a file made with other settings is refused, not replaced)."""
+        --couplings file, or OUT/couplings.safetensors, which the processes make from the
+        teacher when it is not there yet (a file made with other settings is refused, not
+        replaced)."""
         own = config.couplings is None
         path = self.out / COUPLINGS_FILE if own else Path(config.couplings)
         if own:  # what the run's own file must have been made from
@@ -362,11 +369,12 @@ class _Run:
                 "solver": "cumulative",
                 "seed": derive_seed(config.seed, "couplings"),
             }
-        if own and self.procs.main:
+            # Every rank sees the same answer: only rank 0 writes the file, after a barrier
+            # that all ranks reach only once they have looked.
             if not path.exists():
                 self._make_couplings(path, config, teacher, wanted)
-            # Parts left by a run killed between the whole file's rename and their removal.
-            shutil.rmtree(self.out / COUPLINGS_PARTS, ignore_errors=True)
+            if self.procs.main:  # parts left by a run killed between the rename and their removal
+                shutil.rmtree(self.out / COUPLINGS_PARTS, ignore_errors=True)
         self.procs.barrier()
         x_0, x_1, meta = load_couplings(path)
         if own and meta != wanted:
@@ -388,35 +396,44 @@ class _Run:
     def _make_couplings(self, path: Path, config: TrainConfig, teacher, wanted: dict) -> None:
         """Make the teacher's couplings into ``path`` part by part (PART_BATCHES sampling batches
         each, kept under OUT/couplings.parts/ until all are made), so that a killed run resumes
-        with the parts it made. Part i is pairs [i P, (i + 1) P) of the one-call result: batch b
-        of the whole is always seeded seed + b."""
+        with the parts it made. Part i is pairs [i P, (i + 1) P) of the one-call result (batch b
+        of the whole is always seeded seed + b), so the ranks share the work: rank r makes the
+        parts i = r mod world, and rank 0 joins them once all are made. No rank then waits at a
+        barrier for more than one part of another's sampling (a rank 0 that made everything
+        alone could outlast the process group's timeout)."""
         batch = max(config.batch_size, COUPLING_BATCH)
         per_part = batch * PART_BATCHES
         n = config.coupling_count
         parts_dir = self.out / COUPLINGS_PARTS
-        parts_dir.mkdir(exist_ok=True)
-        x_0s, x_1s = [], []
-        bar = Progress(n, "couplings", unit="pair")
+        if self.procs.main:
+            parts_dir.mkdir(exist_ok=True)
+        self.procs.barrier()
+        starts = range(0, n, per_part)
+        parts = [parts_dir / f"part-{i:05d}.safetensors" for i in range(len(starts))]
+        metas = [{**wanted, "part": i, "batch": batch} for i in range(len(starts))]
+        mine = range(self.procs.rank, len(starts), self.procs.world)
+        bar = Progress(sum(min(per_part, n - starts[i]) for i in mine), "couplings", unit="pair",
+                       enabled=self.procs.main)  # fmt: skip
         try:
-            for i, start in enumerate(range(0, n, per_part)):
-                part = parts_dir / f"part-{i:05d}.safetensors"
-                meta = {**wanted, "part": i, "batch": batch}
-                pair = load_couplings(part) if part.exists() else None
-                if pair is None or pair[2] != meta:
+            for i in mine:
+                made = load_couplings(parts[i]) if parts[i].exists() else None
+                if made is None or made[2] != metas[i]:
                     teacher.to(self.device).eval()
                     pair = rectified_couplings(
-                        teacher, min(per_part, n - start), steps=config.coupling_steps,
+                        teacher, min(per_part, n - starts[i]), steps=config.coupling_steps,
                         batch_size=batch, seq_len=config.seq_len,
                         seed=wanted["seed"] + i * PART_BATCHES, device=self.device,
                     )  # fmt: skip
-                    save_couplings(part, *pair[:2], meta)
-                x_0s.append(pair[0])
-                x_1s.append(pair[1])
-                bar.update(pair[0].shape[0])
+                    save_couplings(parts[i], *pair, metas[i])
+                bar.update(min(per_part, n - starts[i]))
         finally:
             bar.close()
             teacher.cpu()
-        save_couplings(path, torch.cat(x_0s), torch.cat(x_1s), wanted)
+        self.procs.barrier()
+        if self.procs.main:
+            pairs = [load_couplings(part) for part in parts]  # the ranks share --out
+            save_couplings(path, torch.cat([p[0] for p in pairs]),
+                           torch.cat([p[1] for p in pairs]), wanted)  # fmt: skip
 
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
@@ -994,8 +1011,6 @@ def plot_diagnostics(metrics_path: str | Path, png_path: str | Path) -> Path:
     if names:
         axes[0].legend(fontsize=6)
     fig.tight_layout()
-    tmp = Path(png_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    path = save_figure(fig, png_path, dpi=80)  # a reader never sees half a figure
     plt.close(fig)
-    os.replace(tmp, png_path)  # a reader never sees half a figure
-    return Path(png_path)
+    return path

@@ -4,6 +4,9 @@ coupling learns it (a deterministic coupling is learnt well enough that one step
 it, which independent pairs cannot give)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ from fsdfm.distill import student_from_teacher
 from fsdfm.model import FSDFMTransformer, ModelConfig
 from fsdfm.train_config import config_from_sources
 from fsdfm.training import COUPLINGS_FILE, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +225,45 @@ def test_couplings_of_a_changed_teacher_are_refused(corpus, teacher, tmp_path):
     fsdfm.save(model, own, tokenizer="byte")
     with pytest.raises(ValueError, match=r"couplings made otherwise \(teacher_weights: "):
         train(redi(corpus, out, own, steps=3, eval_every=0))
+
+
+# Run by torchrun, one process per rank: parts of 4 pairs, each rank logging the seeds it drew.
+RANKED = """
+import json, os, sys
+from fsdfm import training
+from fsdfm.train_config import TrainConfig
+training.COUPLING_BATCH, training.PART_BATCHES = 2, 2
+real = training.rectified_couplings
+def logged(*args, **kwargs):
+    with open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"]), "a") as f:
+        f.write(str(kwargs["seed"]) + "\\n")
+    return real(*args, **kwargs)
+training.rectified_couplings = logged
+training.train(TrainConfig(**json.loads(sys.argv[1])))
+"""
+
+
+def test_the_ranks_share_the_couplings_and_make_the_one_call_result(corpus, teacher, tmp_path):
+    """Under torchrun each rank makes its share of the parts (rank r: parts r mod world), so no
+    rank waits at a barrier while another samples alone; the joined file is the one-call
+    result, and the run trains on it."""
+    script = tmp_path / "ranked.py"
+    script.write_text(RANKED)
+    out = tmp_path / "run"
+    options = redi(corpus, out, teacher, batch_size=2, steps=2, eval_every=0).to_dict()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script),
+         json.dumps(options), str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    x_0, x_1, meta = load_couplings(out / COUPLINGS_FILE)
+    seed = meta["seed"]
+    seeds = {r: [int(s) for s in (tmp_path / f"rank{r}").read_text().split()] for r in (0, 1)}
+    assert seeds == {0: [seed, seed + 4], 1: [seed + 2]}  # 12 pairs: parts 0 and 2, part 1
+    y_0, y_1 = rectified_couplings(fsdfm.load(teacher), 12, steps=3, batch_size=2, seed=seed)
+    assert torch.equal(x_0, y_0) and torch.equal(x_1, y_1)
+    assert not (out / training.COUPLINGS_PARTS).exists()
+    assert (out / "model_ema" / "model.safetensors").exists()

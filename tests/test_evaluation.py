@@ -10,11 +10,13 @@ from laws import correlated_law
 
 import fsdfm
 from fsdfm.cli import main
+from fsdfm import evaluation
 from fsdfm.evaluation import plot_frontier, sweep, write_results
 from fsdfm.metrics import elbo, exact_nll
 from fsdfm.synthetic import (
     ExactPosterior,
     MarkovChain,
+    MarkovPosterior,
     checkerboard_law,
     checkerboard_scores,
     tv_noise_floor,
@@ -89,6 +91,21 @@ def test_exact_posterior_of_tokens_the_law_never_shows_together():
 
 
 @pytest.mark.parametrize("source", ["mask", "uniform"])
+def test_elbo_of_the_markov_posterior_reads_its_own_source_and_vocabulary(source):
+    # No source or vocab_size passed: the exact posterior carries them. Its bound is the
+    # chain's NLL with a mask source (a wrong source or vocabulary would not be) and strictly
+    # above it with a uniform one: the reference reproduce.py scores beside a teacher.
+    chain = MarkovChain(5, 6, order=1, concentration=0.3, seed=1)
+    x = chain.sample(2000, torch.Generator().manual_seed(2))
+    nll = exact_nll(x, chain.log_prob)["per_token"]
+    bound = elbo(MarkovPosterior(chain, source), x, n_times=16, batch_size=1000)
+    if source == "mask":
+        assert bound["nats_per_token"] == pytest.approx(nll, rel=0.03)
+    else:
+        assert bound["nats_per_token"] > nll + 0.1
+
+
+@pytest.mark.parametrize("source", ["mask", "uniform"])
 def test_elbo_grows_as_the_model_gets_worse(law, source):
     x = _draw(law, 1000)
     oracle = ExactPosterior(law, source)
@@ -137,7 +154,7 @@ def _stub(V=5):
     return model
 
 
-def test_sweep_rows_and_result_files(tmp_path):
+def test_sweep_rows_and_result_files(tmp_path, monkeypatch):
     rows = sweep(
         {"a": _stub(), "b": _stub()},
         steps=(1, 2),
@@ -173,6 +190,17 @@ def test_sweep_rows_and_result_files(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="quality"):
         write_results(rows, tmp_path / "bad", quality="missing")
+    # A plot that fails leaves the previous results whole: nothing is replaced before all three
+    # files are rendered, and no temporary is left behind.
+    before = {key: path.read_bytes() for key, path in paths.items()}
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluation, "_plot", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            write_results(rows[:1], tmp_path / "out", quality="mean_id")
+    assert {key: path.read_bytes() for key, path in paths.items()} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "results.json", "results.md", "results.png"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="solvers"):
         sweep({"a": _stub()}, steps=(1,), solvers=("leapfrog",), progress=False)
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from fsdfm._io import atomic_write
 from fsdfm.corpus.sources import SOURCES, Source
 from fsdfm.corpus.text import is_prose, normalize
 
@@ -125,7 +126,7 @@ def build(out_dir: Path, sources: list[Source]) -> dict:
         )
     data = corpus.encode("utf-8")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "corpus.txt").write_bytes(data)
+    atomic_write(out_dir / "corpus.txt", lambda f: f.write(data))
     record = {
         "corpus": "corpus.txt",
         "format": "UTF-8; documents separated by a blank line; one paragraph per line",
@@ -137,8 +138,9 @@ def build(out_dir: Path, sources: list[Source]) -> dict:
         "debian": Path("/etc/debian_version").read_text().strip(),
         "sources": records,
     }
-    (out_dir / "sources.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "SOURCES.md").write_text(sources_markdown(record))
+    text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(out_dir / "sources.json", lambda f: f.write(text.encode()))
+    atomic_write(out_dir / "SOURCES.md", lambda f: f.write(sources_markdown(record).encode()))
     return record
 
 
