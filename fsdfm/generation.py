@@ -180,12 +180,25 @@ def _completion(tokenizer, prefix, continuation, stops, full_text: bool) -> Comp
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:
         text = text[:cut]
-        # The fewest ids whose text covers the kept text.
-        n = 0
-        while n < len(continuation) and len(tokenizer.decode(continuation[:n])) < cut:
-            n += 1
-        continuation = continuation[:n]
+        continuation = continuation[: _covering(tokenizer, continuation, cut)]
     return Completion(prompt_text + text if full_text else text, prefix, continuation)
+
+
+def _covering(tokenizer, ids: list[int], chars: int) -> int:
+    """The fewest leading ids whose text is at least ``chars`` long, in O(log n) decodes (a scan
+    would decode n prefixes of up to n ids). A prefix's text never gets shorter as the prefix
+    grows when an incomplete character decodes to one replacement mark, as here, so bisection
+    finds the first; the walk back covers a decoder that marks each byte of one."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid])) < chars:
+            lo = mid + 1
+        else:
+            hi = mid
+    while lo > 0 and len(tokenizer.decode(ids[: lo - 1])) >= chars:
+        lo -= 1
+    return lo
 
 
 def _check_tokenizer(tokenizer, config) -> None:

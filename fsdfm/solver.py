@@ -381,10 +381,8 @@ def _iterate(run: _Run) -> Iterator[SampleStep]:
                 x = loop.step(x, k, last=last)
             t = 1.0 if last else (k + 1) * loop.dt
             bar.update(steps - k if last else 1)
-            if not last and run.callback is not None:
-                finish = run.callback(k + 1, t, x) is True
-            elif last and run.callback is not None:
-                run.callback(k + 1, t, x)
+            if run.callback is not None and run.callback(k + 1, t, x) is True:
+                finish = True  # the next step jumps to t = 1 (after the last, moot)
             yield SampleStep(k + 1, steps, t, x, last)
             if last:
                 break

@@ -9,8 +9,8 @@ import torch
 from laws import correlated_law
 
 import fsdfm
-from fsdfm.cli import main
 from fsdfm import evaluation
+from fsdfm.cli import main
 from fsdfm.evaluation import plot_frontier, sweep, write_results
 from fsdfm.metrics import elbo, exact_nll
 from fsdfm.synthetic import (

@@ -119,3 +119,14 @@ def test_hugging_face_tokenizer_works_like_ours():
     kw = {"max_new_tokens": 24, "seed": 3, "steps": 4, "num_return_sequences": 2}
     want = fsdfm.generate(model, ours, ["Once upon a time", "The"], **kw)
     assert fsdfm.generate(model, theirs, ["Once upon a time", "The"], **kw) == want
+
+
+def test_stop_cut_keeps_the_fewest_ids_covering_the_text():
+    """The ids kept under a stop string are the shortest prefix whose text covers the kept text,
+    found by bisection: the same as a scan of every prefix, multi-byte characters included
+    (their incomplete bytes decode to a replacement mark)."""
+    tok = get_tokenizer("byte")
+    ids = list("naïve café — 日本語 ok".encode())
+    for chars in range(len(tok.decode(ids)) + 1):
+        scan = next(n for n in range(len(ids) + 1) if len(tok.decode(ids[:n])) >= chars)
+        assert fsdfm.generation._covering(tok, ids, chars) == scan, chars
