@@ -158,8 +158,9 @@ _TABLE = [
     _option(
         "couplings",
         str,
-        "redi: a couplings file to train on (default: OUT/couplings.safetensors, made from the "
-        "teacher)",
+        "a couplings file to train on: redi's pairs (default: OUT/couplings.safetensors, made "
+        "from the teacher); with fsdfm, the path of every row runs between a pair's x_0 and x_1 "
+        "(the distillation of a rectified model on its own coupling)",
     ),
     _option("coupling_count", int, "redi: pairs made from the teacher (65536)"),
     _option("coupling_steps", int, "redi: the teacher's sampling steps per pair (256)"),
@@ -265,8 +266,15 @@ def check_config(c: TrainConfig) -> None:
         if fsdfm_only:
             flag = "--" + fsdfm_only[0].replace("_", "-")
             raise ValueError(f"{flag} is an option of --method fsdfm, not redi")
-    if c.couplings is not None and c.method != "redi":
-        raise ValueError("--couplings is an option of --method redi")
+    own = [
+        k for k in ("coupling_count", "coupling_steps") if getattr(c, k) != getattr(TrainConfig, k)
+    ]
+    if own and (c.method != "redi" or c.couplings is not None):
+        flag = "--" + own[0].replace("_", "-")
+        raise ValueError(
+            f"{flag} sets the couplings --method redi makes from its teacher (not with "
+            f"--method fsdfm or --couplings FILE)"
+        )
     if c.couplings is not None and not Path(c.couplings).is_file():
         raise ValueError(f"--couplings {c.couplings}: no such file")
     if c.grid < 2 or c.grid & (c.grid - 1):

@@ -37,12 +37,15 @@ frozen pre-trained teacher forward and no generator (rate) tensors (SPEC 6).
 Rectified couplings (``--method redi``, :mod:`fsdfm.coupling`): the model starts as a copy of
 the (DFM) teacher and is pre-trained again, with the data loss (cross-entropy by default), on
 pairs (x_0, x_1) where x_1 is the teacher's sample from that x_0: x_t from the mixture path
-between the pair's own x_0 and x_1 instead of fresh noise. The pairs are OUT/couplings.safetensors
-(made by rank 0 before the first step: coupling_count pairs, coupling_steps cumulative steps each,
-seeded from seed, in parts kept under OUT/couplings.parts/ so that a killed run resumes with the
-parts made) or the file given by ``--couplings``; their sha256 is in state.pt, and a run
-resumed with other pairs is refused. The held-out loss stays the data loss on held-out text with
-independent noise (what the rectified model gives up there is visible).
+between the pair's own x_0 and x_1 instead of fresh noise. The pairs are
+OUT/couplings.safetensors (made by the ranks before the first step: coupling_count pairs,
+coupling_steps cumulative steps each, seeded from seed, in parts kept under OUT/couplings.parts/
+so that a killed run resumes with the parts made) or the file given by ``--couplings``; their
+sha256 is in state.pt, and a run resumed with other pairs is refused. The held-out loss stays the
+data loss on held-out text with independent noise (what the rectified model gives up there is
+visible). ``--method fsdfm --couplings FILE`` distils a rectified model on its own coupling: data
+and distilled rows alike take x_t on the path between a pair's x_0 and x_1 (fresh noise would
+undo the rectification at the finest step, where the student learns from data).
 
 Optimisation: AdamW (betas (0.9, 0.95), weight decay 0.03) on every parameter, linear warm-up to
 lr then a cosine to min_lr_ratio * lr (:func:`fsdfm.optim.learning_rate`), gradient clipping at
@@ -258,7 +261,7 @@ class _Run:
         # FS-DFM's objective (the shortcut teacher), not pre-training's (also --method redi's).
         self.shortcut = config.mode == "distill" and config.method == "fsdfm"
         self.pairs, self.pairs_sha = None, None
-        if config.method == "redi":
+        if config.method == "redi" or config.couplings is not None:
             self.pairs, self.pairs_sha = self._open_couplings(config, teacher)
         rows = self.blocks.n_train if self.pairs is None else self.pairs[0].shape[0]
         self.sampler = BlockSampler(rows, config.batch_size, config.seed)
@@ -354,10 +357,9 @@ class _Run:
         return model
 
     def _open_couplings(self, config: TrainConfig, teacher) -> tuple[tuple[Tensor, Tensor], str]:
-        """((x_0, x_1) int64 [n, L] on the CPU, the file's sha256) for --method redi: the
-        --couplings file, or OUT/couplings.safetensors, which the processes make from the
-        teacher when it is not there yet (a file made with other settings is refused, not
-        replaced)."""
+        """((x_0, x_1) int64 [n, L] on the CPU, the file's sha256): the --couplings file, or
+        (--method redi) OUT/couplings.safetensors, which the processes make from the teacher
+        when it is not there yet (a file made with other settings is refused, not replaced)."""
         own = config.couplings is None
         path = self.out / COUPLINGS_FILE if own else Path(config.couplings)
         if own:  # what the run's own file must have been made from
@@ -666,13 +668,14 @@ class _Run:
         stats = torch.stack([total, count, total, count, zero, zero])
         return total / n, stats.detach()
 
-    def _distill_batch(self, x_1: Tensor) -> dict:
+    def _distill_batch(self, x_1: Tensor, x_0: Tensor | None = None) -> dict:
         """The step's draws for the whole global batch: step sizes h, times t (CPU float64,
-        no device sync) and noisy x_t."""
+        no device sync) and noisy x_t (on the path from ``x_0`` when given: --couplings)."""
         c = self.config
         h, t = sample_step_sizes(x_1.shape[0], c.grid, self.noise_cpu, law=c.levels,
                                  progress=self.step / c.steps)  # fmt: skip
-        x_t = self._noisy(x_1, t.float().to(self.device, non_blocking=True), self.noise_device)
+        t_device = t.float().to(self.device, non_blocking=True)
+        x_t = self._noisy(x_1, t_device, self.noise_device, x_0)
         levels = level_of(h, self.config.grid)
         self.level_rows += torch.bincount(levels, minlength=self.level_rows.numel())
         return {"x_1": x_1, "t": t, "h": h, "x_t": x_t}
@@ -733,10 +736,9 @@ class _Run:
         indices = self.sampler.next_batch()
         if self.pairs is not None:
             x_0, x_1 = (p[indices].to(self.device, non_blocking=True) for p in self.pairs)
-            batch = self._pretrain_batch(x_1, x_0)
         else:
-            x_1 = self.blocks.get(indices, self.device)
-            batch = self._distill_batch(x_1) if self.shortcut else self._pretrain_batch(x_1)
+            x_0, x_1 = None, self.blocks.get(indices, self.device)
+        batch = self._distill_batch(x_1, x_0) if self.shortcut else self._pretrain_batch(x_1, x_0)
         objective = self._distill_loss if self.shortcut else self._pretrain_loss
         self.optimizer.zero_grad(set_to_none=True)
         passes = self._passes()

@@ -38,6 +38,8 @@ def redi(corpus, out, teacher, **overrides):
                "save_every": 3, "device": "cpu", "coupling_count": 12,
                "coupling_steps": 3}  # fmt: skip
     options.update(overrides)
+    if options.get("couplings"):  # a given file: the run makes none of its own
+        del options["coupling_count"], options["coupling_steps"]
     return config_from_sources("distill", None, options)
 
 
@@ -151,7 +153,12 @@ def test_redi_refusals_in_one_line(corpus, teacher, tmp_path, capsys):
             ["--couplings", str(tmp_path / "nowhere.safetensors"), "--method", "redi"],
             "no such file",
         ),
-        (["--couplings", str(corpus)], "--couplings is an option of --method redi"),
+        (["--couplings", str(corpus)], "is not a readable couplings file"),
+        (["--coupling-steps", "8"], "--coupling-steps sets the couplings --method redi makes"),
+        (
+            ["--method", "redi", "--couplings", str(corpus), "--coupling-count", "8"],
+            "--coupling-count sets the couplings",
+        ),
         (["--method", "rectified"], "--method"),
         (["--method", "redi", "--coupling-steps", "0"], "coupling_steps must be >= 1"),
         (["--method", "redi", "--levels", "uniform"], "--levels is an option of --method fsdfm"),
@@ -267,3 +274,33 @@ def test_the_ranks_share_the_couplings_and_make_the_one_call_result(corpus, teac
     assert torch.equal(x_0, y_0) and torch.equal(x_1, y_1)
     assert not (out / training.COUPLINGS_PARTS).exists()
     assert (out / "model_ema" / "model.safetensors").exists()
+
+
+def test_fsdfm_on_a_couplings_file_draws_every_path_from_its_pairs(corpus, teacher, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """--method fsdfm --couplings FILE: the data rows and the distilled rows alike take x_t
+    between a pair's own x_0 and x_1 (fresh noise would undo the rectification)."""
+    g = torch.Generator().manual_seed(3)
+    x_0, x_1 = torch.randint(0, 256, (2, 24, 16), generator=g)
+    pairs = tmp_path / "pairs.safetensors"
+    save_couplings(pairs, x_0, x_1, {"made": "here"})
+    seen = []
+    real = training.MixturePath.sample
+
+    def spy(self, a, b, t, **kwargs):
+        seen.append((a.clone(), b.clone()))
+        return real(self, a, b, t, **kwargs)
+
+    monkeypatch.setattr(training.MixturePath, "sample", spy)
+    options = {"data": str(corpus), "out": str(tmp_path / "run"), "teacher": str(teacher),
+               "seq_len": 16, "batch_size": 8, "steps": 3, "eval_every": 0, "device": "cpu",
+               "couplings": str(pairs), "levels": "uniform", "grid": 4}  # fmt: skip
+    train(config_from_sources("distill", None, options))
+    assert len(seen) == 3
+    rows = {(tuple(a.tolist()), tuple(b.tolist())) for a, b in zip(x_0, x_1, strict=True)}
+    for a, b in seen:
+        assert all(
+            (tuple(r.tolist()), tuple(s.tolist())) in rows for r, s in zip(a, b, strict=True)
+        )
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert state["couplings_sha"] == training.sha256_of(pairs)
