@@ -28,7 +28,9 @@ positions of a step independently (a DFM teacher's and an FS-DFM student's alike
 couplings (the mode as users run it), and, to tell the method apart from the teacher's
 shortfall, the same retraining on pairs from the exact posterior (rectified: x_1 sampled from
 that x_0) against the same number of independent pairs (x_1 the chain's own samples, x_0 fresh
-noise: plain DFM training). Every model is scored by exact NLL, pair TV and transition entropy.
+noise: plain DFM training); ``--fsdfm-steps N`` adds FS-DFM students of the last exact-coupled
+model distilled over its couplings (``fsdfm distill --couplings``). Every model is scored by
+exact NLL, pair TV and transition entropy.
 
 ``text`` evaluates the teacher and student of ``scripts/train_default.sh`` (its WORK directory,
 ``--run``) on real text: generative perplexity under an autoregressive GPT-2 that it first trains
@@ -457,6 +459,18 @@ def redi(args) -> None:
         start = time.perf_counter()
         train(TrainConfig(mode="distill", out=str(run / name), **options))
         seconds[name] = round(time.perf_counter() - start)
+    if args.fsdfm_steps:  # FS-DFM on the last model trained on the exact couplings, over them
+        base = plan[-1][0] if args.long_train_steps else "redi-exact"
+        for levels, tag in (("weighted", "w"), ("uniform", "u")):
+            name = f"{base}-fsdfm-{tag}"
+            start = time.perf_counter()
+            train(TrainConfig(mode="distill", out=str(run / name), data=common["data"],
+                              teacher=str(run / base / "model_ema"), couplings=str(exact),
+                              levels=levels, steps=args.fsdfm_steps, lr=3e-4, ema=0.99,
+                              batch_size=args.batch_size, eval_every=args.fsdfm_steps // 4,
+                              save_every=args.fsdfm_steps // 4, log_every=50, device="cpu",
+                              seed=args.seed))  # fmt: skip
+            seconds[name] = round(time.perf_counter() - start)
     models = {"teacher": load(teacher).eval()}
     models.update({name: load(run / name / "model_ema").eval() for name in seconds})
     # The FS-DFM students of the same teacher (reproduce.py markov), where they were made.
@@ -486,7 +500,8 @@ def redi(args) -> None:
         f"{args.coupling_steps}-step couplings, dfm-independent on the chain's samples with "
         f"independent noise (plain DFM training, the control); redi-exact-rN: the mode again "
         f"from round N - 1's model, on its own {args.teacher_coupling_steps}-step couplings; "
-        f"redi-exact-Nk: redi-exact trained N thousand steps. "
+        f"redi-exact-Nk: redi-exact trained N thousand steps; NAME-fsdfm-w / -u: FS-DFM "
+        f"students of NAME (1/h / uniform levels) distilled over the exact couplings. "
         f"Training seconds (this invocation, couplings included): "
         f"{json.dumps(seconds)}."
     )
@@ -743,6 +758,13 @@ def main(argv=None) -> None:
         type=int,
         default=0,
         help="also train redi-exact this long (e.g. 9000: redi-exact-9k)",
+    )
+    d.add_argument(
+        "--fsdfm-steps",
+        type=int,
+        default=0,
+        help="also distil FS-DFM students (1/h and uniform levels) of the last model trained on "
+        "the exact couplings, over those couplings, for this many steps",
     )
     d.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.9, 0.8])
     d.add_argument("--batch-size", type=int, default=128)
