@@ -185,19 +185,18 @@ def _completion(tokenizer, prefix, continuation, stops, full_text: bool) -> Comp
 
 
 def _covering(tokenizer, ids: list[int], chars: int) -> int:
-    """The fewest leading ids whose text is at least ``chars`` long, in O(log n) decodes (a scan
-    would decode n prefixes of up to n ids). A prefix's text never gets shorter as the prefix
-    grows when an incomplete character decodes to one replacement mark, as here, so bisection
-    finds the first; the walk back covers a decoder that marks each byte of one."""
+    """The fewest leading ids whose text holds ``chars`` whole characters, in O(log n) decodes
+    (a scan would decode n prefixes of up to n ids). A character cut inside its bytes decodes
+    to a trailing replacement mark, which does not count; the count of whole characters then
+    never falls as the prefix grows (fsdfm's, tiktoken's and Hugging Face's decoders give one
+    mark per incomplete character), so the bisection finds the first such prefix."""
     lo, hi = 0, len(ids)
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(tokenizer.decode(ids[:mid])) < chars:
+        if len(tokenizer.decode(ids[:mid]).rstrip("\ufffd")) < chars:
             lo = mid + 1
         else:
             hi = mid
-    while lo > 0 and len(tokenizer.decode(ids[: lo - 1])) >= chars:
-        lo -= 1
     return lo
 
 

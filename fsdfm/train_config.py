@@ -275,6 +275,8 @@ def check_config(c: TrainConfig) -> None:
             f"{flag} sets the couplings --method redi makes from its teacher (not with "
             f"--method fsdfm or --couplings FILE)"
         )
+    if c.couplings is not None and c.mode != "distill":
+        raise ValueError("--couplings is an option of fsdfm distill")
     if c.couplings is not None and not Path(c.couplings).is_file():
         raise ValueError(f"--couplings {c.couplings}: no such file")
     if c.grid < 2 or c.grid & (c.grid - 1):

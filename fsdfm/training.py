@@ -63,7 +63,8 @@ Distributed: under ``torchrun`` (WORLD_SIZE > 1) a process group is formed (nccl
 CPU) and the model wrapped in DistributedDataParallel. ``batch_size`` is the global batch: every
 rank builds the same global noisy batch and trains on its rows [r B/W, (r+1) B/W), so with dropout
 0 a W-process run follows the single-process run up to floating-point reduction order. Only rank 0
-writes files; logged losses are averaged over ranks.
+writes files, but for the parts of --method redi's couplings, which every rank makes its share
+of; logged losses are averaged over ranks.
 """
 
 from __future__ import annotations
@@ -399,10 +400,11 @@ class _Run:
         """Make the teacher's couplings into ``path`` part by part (PART_BATCHES sampling batches
         each, kept under OUT/couplings.parts/ until all are made), so that a killed run resumes
         with the parts it made. Part i is pairs [i P, (i + 1) P) of the one-call result (batch b
-        of the whole is always seeded seed + b), so the ranks share the work: rank r makes the
-        parts i = r mod world, and rank 0 joins them once all are made. No rank then waits at a
-        barrier for more than one part of another's sampling (a rank 0 that made everything
-        alone could outlast the process group's timeout)."""
+        of the whole is always seeded seed + b), so the ranks share the work: all list the parts
+        still to make, rank r makes every world-th of them from the r-th, and rank 0 joins them
+        once all are made. No rank then waits at a barrier for more than one part of another's
+        sampling (a rank 0 that made everything alone could outlast the process group's
+        timeout)."""
         batch = max(config.batch_size, COUPLING_BATCH)
         per_part = batch * PART_BATCHES
         n = config.coupling_count
@@ -413,20 +415,22 @@ class _Run:
         starts = range(0, n, per_part)
         parts = [parts_dir / f"part-{i:05d}.safetensors" for i in range(len(starts))]
         metas = [{**wanted, "part": i, "batch": batch} for i in range(len(starts))]
-        mine = range(self.procs.rank, len(starts), self.procs.world)
+        # Every rank lists the same parts: none is written until all have looked.
+        missing = [i for i in range(len(starts))
+                   if not parts[i].exists() or load_couplings(parts[i])[2] != metas[i]]  # fmt: skip
+        self.procs.barrier()
+        mine = missing[self.procs.rank :: self.procs.world]
         bar = Progress(sum(min(per_part, n - starts[i]) for i in mine), "couplings", unit="pair",
                        enabled=self.procs.main)  # fmt: skip
         try:
             for i in mine:
-                made = load_couplings(parts[i]) if parts[i].exists() else None
-                if made is None or made[2] != metas[i]:
-                    teacher.to(self.device).eval()
-                    pair = rectified_couplings(
-                        teacher, min(per_part, n - starts[i]), steps=config.coupling_steps,
-                        batch_size=batch, seq_len=config.seq_len,
-                        seed=wanted["seed"] + i * PART_BATCHES, device=self.device,
-                    )  # fmt: skip
-                    save_couplings(parts[i], *pair, metas[i])
+                teacher.to(self.device).eval()
+                pair = rectified_couplings(
+                    teacher, min(per_part, n - starts[i]), steps=config.coupling_steps,
+                    batch_size=batch, seq_len=config.seq_len,
+                    seed=wanted["seed"] + i * PART_BATCHES, device=self.device,
+                )  # fmt: skip
+                save_couplings(parts[i], *pair, metas[i])
                 bar.update(min(per_part, n - starts[i]))
         finally:
             bar.close()
@@ -459,16 +463,19 @@ class _Run:
                     f"the teacher was trained with the {base.source} source, not {config.source}"
                 )
             defaults = {"lr": 1e-5, "loss": "gkl", "ema": 0.9995, "source": base.source}
+            if (config.method == "redi" or config.couplings is not None) and (
+                base.source != "uniform"
+            ):
+                flag = "--method redi" if config.method == "redi" else "--couplings"
+                raise ValueError(
+                    f"{flag} needs a teacher of the uniform source ({config.teacher} has the "
+                    f"{base.source} source, whose x_0 carries nothing to couple)"
+                )
             if config.method == "redi":
                 if base.step_conditioned:
                     raise ValueError(
                         f"--method redi rectifies a DFM teacher; {config.teacher} is a "
                         "step-conditioned FS-DFM student"
-                    )
-                if base.source != "uniform":
-                    raise ValueError(
-                        f"--method redi needs a teacher of the uniform source ({config.teacher} "
-                        f"has the {base.source} source, whose x_0 carries nothing to couple)"
                     )
                 # Pre-training again, on other pairs: its loss and a pre-training-like lr.
                 defaults.update(lr=1e-4, loss="ce")
@@ -632,7 +639,7 @@ class _Run:
         self, x_1: Tensor, t: Tensor, g_device: torch.Generator, x_0: Tensor | None = None
     ) -> Tensor:
         """x_t [B, L] from data x_1 [B, L] at times t [B] (float32 on the device), on the path
-        from x_0 (default: a fresh draw of the source; --method redi: the pairs' own)."""
+        from x_0 (default: a fresh draw of the source; with couplings: the pairs' own)."""
         if x_0 is None:
             B, L = x_1.shape
             x_0 = sample_source(

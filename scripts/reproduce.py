@@ -355,7 +355,7 @@ def markov(args) -> None:
             held_out,
             exact_nll(held_out, chain.log_prob)["per_token"],
             args.eval_batch,
-            exact=MarkovPosterior(chain) if k == 1 else None,
+            exact=MarkovPosterior(chain, args.source) if k == 1 else None,
         )
         + f" Training seconds (this invocation): {json.dumps(seconds)}."
     )
@@ -619,6 +619,14 @@ def _steps(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in text.split(","))
 
 
+def _quartered(text: str) -> int:
+    """A training length saved and evaluated every quarter: 0 (none) or at least 4."""
+    n = int(text)
+    if n != 0 and n < 4:
+        raise argparse.ArgumentTypeError(f"0 (none) or at least 4 steps, got {n}")
+    return n
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="problem", required=True)
@@ -761,7 +769,7 @@ def main(argv=None) -> None:
     )
     d.add_argument(
         "--fsdfm-steps",
-        type=int,
+        type=_quartered,
         default=0,
         help="also distil FS-DFM students (1/h and uniform levels) of the last model trained on "
         "the exact couplings, over those couplings, for this many steps",

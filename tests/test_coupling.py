@@ -18,7 +18,7 @@ from fsdfm.cli import main
 from fsdfm.coupling import load_couplings, rectified_couplings, save_couplings
 from fsdfm.distill import student_from_teacher
 from fsdfm.model import FSDFMTransformer, ModelConfig
-from fsdfm.train_config import config_from_sources
+from fsdfm.train_config import TrainConfig, config_from_sources
 from fsdfm.training import COUPLINGS_FILE, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,10 +163,24 @@ def test_redi_refusals_in_one_line(corpus, teacher, tmp_path, capsys):
         (["--method", "redi", "--coupling-steps", "0"], "coupling_steps must be >= 1"),
         (["--method", "redi", "--levels", "uniform"], "--levels is an option of --method fsdfm"),
     ]
+    # a mask-source teacher: its x_0 is all masks, nothing to couple, with either flag
+    masked = fsdfm.save(FSDFMTransformer(ModelConfig.preset("tiny", vocab_size=257, seq_len=16,
+                                                            source="mask")),
+                        tmp_path / "masked", tokenizer="byte")  # fmt: skip
+    pairs = tmp_path / "pairs.safetensors"
+    save_couplings(pairs, torch.zeros(4, 16, dtype=torch.long), torch.ones(4, 16, dtype=torch.long),
+                   {})  # fmt: skip
+    cases += [
+        (["--teacher", str(masked), "--method", "redi"], "--method redi needs a teacher of the"),
+        (["--teacher", str(masked), "--couplings", str(pairs)], "--couplings needs a teacher of"),
+    ]
     for extra, message in cases:
-        assert main([*base, *extra]) == 2
+        assert main([*base, *extra]) == 2  # a second --teacher replaces the first
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    with pytest.raises(ValueError, match="--couplings is an option of fsdfm distill"):
+        train(TrainConfig(mode="pretrain", data=str(corpus), out=str(tmp_path / "p"),
+                          couplings=str(pairs)))  # fmt: skip
 
 
 def test_a_retrained_model_learns_its_coupling(corpus, teacher, tmp_path):
@@ -250,27 +264,43 @@ training.train(TrainConfig(**json.loads(sys.argv[1])))
 """
 
 
-def test_the_ranks_share_the_couplings_and_make_the_one_call_result(corpus, teacher, tmp_path):
-    """Under torchrun each rank makes its share of the parts (rank r: parts r mod world), so no
-    rank waits at a barrier while another samples alone; the joined file is the one-call
-    result, and the run trains on it."""
+def test_the_ranks_share_the_couplings_and_make_the_one_call_result(corpus, teacher, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """Under torchrun the ranks share the parts still to make (rank r: every world-th from the
+    r-th), so no rank waits at a barrier while another samples alone, also when a killed run
+    left some made; the joined file is the one-call result, and the run trains on it."""
+    monkeypatch.setattr(training, "COUPLING_BATCH", 2)
+    monkeypatch.setattr(training, "PART_BATCHES", 2)  # as in RANKED: 12 pairs = 3 parts
+    real = training.rectified_couplings
+    made = []
+
+    def dying(*args, **kwargs):
+        if made:
+            raise KeyboardInterrupt  # the kill, after part 0
+        made.append(kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "rectified_couplings", dying)
+    out = tmp_path / "run"
+    config = redi(corpus, out, teacher, batch_size=2, steps=2, eval_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
     script = tmp_path / "ranked.py"
     script.write_text(RANKED)
-    out = tmp_path / "run"
-    options = redi(corpus, out, teacher, batch_size=2, steps=2, eval_every=0).to_dict()
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script),
-         json.dumps(options), str(tmp_path)],
+         json.dumps(config.to_dict()), str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     x_0, x_1, meta = load_couplings(out / COUPLINGS_FILE)
     seed = meta["seed"]
+    assert made == [seed]
     seeds = {r: [int(s) for s in (tmp_path / f"rank{r}").read_text().split()] for r in (0, 1)}
-    assert seeds == {0: [seed, seed + 4], 1: [seed + 2]}  # 12 pairs: parts 0 and 2, part 1
-    y_0, y_1 = rectified_couplings(fsdfm.load(teacher), 12, steps=3, batch_size=2, seed=seed)
+    assert seeds == {0: [seed + 2], 1: [seed + 4]}  # parts 1 and 2 were left: one each
+    y_0, y_1 = real(fsdfm.load(teacher), 12, steps=3, batch_size=2, seed=seed)
     assert torch.equal(x_0, y_0) and torch.equal(x_1, y_1)
     assert not (out / training.COUPLINGS_PARTS).exists()
     assert (out / "model_ema" / "model.safetensors").exists()

@@ -190,12 +190,19 @@ def test_sweep_rows_and_result_files(tmp_path, monkeypatch):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="quality"):
         write_results(rows, tmp_path / "bad", quality="missing")
-    # A plot that fails leaves the previous results whole: nothing is replaced before all three
-    # files are rendered, and no temporary is left behind.
+    # A write that fails (the last file, after two were staged) leaves the previous results
+    # whole, and no temporary behind.
     before = {key: path.read_bytes() for key, path in paths.items()}
+
+    class Failing(evaluation.Staging):
+        def write(self, target, write):
+            super().write(target, write)
+            if target.name == "results.png":
+                raise OSError("disk full")
+
     with monkeypatch.context() as patch:
-        patch.setattr(evaluation, "_plot", lambda *a: 1 / 0)
-        with pytest.raises(ZeroDivisionError):
+        patch.setattr(evaluation, "Staging", Failing)
+        with pytest.raises(OSError, match="disk full"):
             write_results(rows[:1], tmp_path / "out", quality="mean_id")
     assert {key: path.read_bytes() for key, path in paths.items()} == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [

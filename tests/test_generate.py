@@ -10,10 +10,10 @@ TARGET = b"the flow lands in few steps."
 
 
 class Spelling:
-    """Logits that spell TARGET position by position (then NUL, the byte tokenizer's EOS)."""
+    """Logits that spell ``target`` position by position (then NUL, the byte tokenizer's EOS)."""
 
-    def __init__(self, length, margin=40.0):
-        ids = list(TARGET[:length]) + [0] * max(0, length - len(TARGET))
+    def __init__(self, length, margin=40.0, target=TARGET):
+        ids = list(target[:length]) + [0] * max(0, length - len(target))
         self.ids, self.margin = torch.tensor(ids), margin
 
     def __call__(self, x, t, h):
@@ -123,10 +123,17 @@ def test_hugging_face_tokenizer_works_like_ours():
 
 def test_stop_cut_keeps_the_fewest_ids_covering_the_text():
     """The ids kept under a stop string are the shortest prefix whose text covers the kept text,
-    found by bisection: the same as a scan of every prefix, multi-byte characters included
-    (their incomplete bytes decode to a replacement mark)."""
+    found by bisection: for every cut, the first prefix that decodes to the kept text, multi-byte
+    characters included (a character's first bytes alone decode to a mark, not to it)."""
     tok = get_tokenizer("byte")
-    ids = list("naïve café — 日本語 ok".encode())
-    for chars in range(len(tok.decode(ids)) + 1):
-        scan = next(n for n in range(len(ids) + 1) if len(tok.decode(ids[:n])) >= chars)
-        assert fsdfm.generation._covering(tok, ids, chars) == scan, chars
+    text = "naïve café — 日本語 ok"
+    ids = list(text.encode())
+    for chars in range(len(text) + 1):
+        n = fsdfm.generation._covering(tok, ids, chars)
+        assert tok.decode(ids[:n]) == text[:chars], chars
+        assert n == 0 or tok.decode(ids[: n - 1]) != text[:chars], chars
+    kw = {"max_length": 12, "stop_at_eos": False, "seed": 0}
+    (done,) = fsdfm.generation.complete(
+        Spelling(12, target="日STOP".encode()), tok, "", stop="STOP", **kw
+    )
+    assert done.text == "日" and done.new_ids == list("日".encode())
