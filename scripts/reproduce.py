@@ -380,6 +380,7 @@ def caps(args) -> None:
     at many steps and T < 1), for each Dirichlet concentration."""
     V, L = args.vocab, args.length
     figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
     for concentration in args.concentrations:
         tag = f"caps-v{V}-l{L}-c{concentration:g}"
         out = Path(args.out or ROOT / "runs") / tag
@@ -420,6 +421,7 @@ def redi(args) -> None:
     chain = MarkovChain(args.vocab, args.length, order=1, concentration=args.concentration,
                         seed=args.seed)  # fmt: skip
     V, L, n = args.vocab, args.length, args.pairs
+    law = f"Dirichlet({args.concentration:g})"
     pairs = {}
     exact = run / "couplings-exact.safetensors"
     if not exact.is_file():
@@ -506,16 +508,18 @@ def redi(args) -> None:
         f"{json.dumps(seconds)}."
     )
     paths = write_results(rows + [truth], run / "eval-redi", quality="nll", note=note,
-                          title=f"rectified couplings, V = {V}, L = {L}")  # fmt: skip
+                          title=f"rectified couplings, V = {V}, L = {L}, {law}")  # fmt: skip
     frontier = [f"exact posterior, T = {t:g}" for t in args.temperatures]
     plot_frontier(rows, run / "eval-redi" / "frontier.png", frontier=frontier,
                   steps=[s for s in args.steps if s > 1], reference=truth,
                   title=f"rectified couplings against the temperature frontier, V = {V}, "
-                  f"L = {L}")  # fmt: skip
+                  f"L = {L}, {law}")  # fmt: skip
     figures = Path(args.figures)
-    shutil.copy(paths["png"], figures / f"redi-v{V}-l{L}.png")
-    shutil.copy(paths["json"], figures / f"redi-v{V}-l{L}.json")
-    shutil.copy(run / "eval-redi" / "frontier.png", figures / f"redi-v{V}-l{L}-frontier.png")
+    figures.mkdir(parents=True, exist_ok=True)
+    tag = f"redi-v{V}-l{L}" + ("" if args.concentration == 0.1 else f"-c{args.concentration:g}")
+    shutil.copy(paths["png"], figures / f"{tag}.png")
+    shutil.copy(paths["json"], figures / f"{tag}.json")
+    shutil.copy(run / "eval-redi" / "frontier.png", figures / f"{tag}-frontier.png")
     print(paths["md"].read_text())
 
 
