@@ -228,6 +228,11 @@ def config_from_sources(mode: str, config_file: str | None = None, flags: dict |
     return config
 
 
+def _set_flags(c: TrainConfig, keys: tuple[str, ...]) -> list[str]:
+    """The flags of the options among ``keys`` that ``c`` sets away from their defaults."""
+    return [OPTIONS[k][0].flag for k in keys if getattr(c, k) != getattr(TrainConfig, k)]
+
+
 def check_config(c: TrainConfig) -> None:
     """The checks that involve ranges and several options; ValueError naming the option."""
     if c.data is None:
@@ -260,19 +265,13 @@ def check_config(c: TrainConfig) -> None:
         if not (low_ok and c.ema < 1):
             span = "[0, 1)" if c.mode == "distill" else "(0, 1)"
             raise ValueError(f"ema (the EMA decay) must be in {span}, got {c.ema}")
-    if c.method == "redi":
-        fsdfm_only = [k for k in ("teacher_type", "grid", "levels", "student_init")
-                      if getattr(c, k) != getattr(TrainConfig, k)]  # fmt: skip
-        if fsdfm_only:
-            flag = "--" + fsdfm_only[0].replace("_", "-")
-            raise ValueError(f"{flag} is an option of --method fsdfm, not redi")
-    own = [
-        k for k in ("coupling_count", "coupling_steps") if getattr(c, k) != getattr(TrainConfig, k)
-    ]
+    fsdfm_only = _set_flags(c, ("teacher_type", "grid", "levels", "student_init"))
+    if c.method == "redi" and fsdfm_only:
+        raise ValueError(f"{fsdfm_only[0]} is an option of --method fsdfm, not redi")
+    own = _set_flags(c, ("coupling_count", "coupling_steps"))
     if own and (c.method != "redi" or c.couplings is not None):
-        flag = "--" + own[0].replace("_", "-")
         raise ValueError(
-            f"{flag} sets the couplings --method redi makes from its teacher (not with "
+            f"{own[0]} sets the couplings --method redi makes from its teacher (not with "
             f"--method fsdfm or --couplings FILE)"
         )
     if c.couplings is not None and c.mode != "distill":

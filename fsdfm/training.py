@@ -412,26 +412,26 @@ class _Run:
         if self.procs.main:
             parts_dir.mkdir(exist_ok=True)
         self.procs.barrier()
-        starts = range(0, n, per_part)
-        parts = [parts_dir / f"part-{i:05d}.safetensors" for i in range(len(starts))]
-        metas = [{**wanted, "part": i, "batch": batch} for i in range(len(starts))]
+        sizes = [min(per_part, n - start) for start in range(0, n, per_part)]
+        parts = [parts_dir / f"part-{i:05d}.safetensors" for i in range(len(sizes))]
+        metas = [{**wanted, "part": i, "batch": batch} for i in range(len(sizes))]
         # Every rank lists the same parts: none is written until all have looked.
-        missing = [i for i in range(len(starts))
+        missing = [i for i in range(len(sizes))
                    if not parts[i].exists() or load_couplings(parts[i])[2] != metas[i]]  # fmt: skip
         self.procs.barrier()
         mine = missing[self.procs.rank :: self.procs.world]
-        bar = Progress(sum(min(per_part, n - starts[i]) for i in mine), "couplings", unit="pair",
+        bar = Progress(sum(sizes[i] for i in mine), "couplings", unit="pair",
                        enabled=self.procs.main)  # fmt: skip
         try:
             for i in mine:
                 teacher.to(self.device).eval()
                 pair = rectified_couplings(
-                    teacher, min(per_part, n - starts[i]), steps=config.coupling_steps,
+                    teacher, sizes[i], steps=config.coupling_steps,
                     batch_size=batch, seq_len=config.seq_len,
                     seed=wanted["seed"] + i * PART_BATCHES, device=self.device,
                 )  # fmt: skip
                 save_couplings(parts[i], *pair, metas[i])
-                bar.update(min(per_part, n - starts[i]))
+                bar.update(sizes[i])
         finally:
             bar.close()
             teacher.cpu()

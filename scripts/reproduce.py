@@ -453,26 +453,25 @@ def redi(args) -> None:
     if args.long_train_steps:  # redi-exact trained longer (the same warm-up)
         long = args.long_train_steps
         plan.append((f"redi-exact-{long // 1000}k", teacher, exact, long))
+    runs = []  # (name, its training options), trained in this order
     for name, source, path, steps in plan:
         options = dict(common, teacher=str(source), couplings=None if path is None else str(path),
                        steps=steps, eval_every=steps // 4, save_every=steps // 4)  # fmt: skip
         if path is None:
             options.update(coupling_count=n, coupling_steps=args.teacher_coupling_steps)
+        runs.append((name, options))
+    if args.fsdfm_steps:  # FS-DFM on the last model trained on the exact couplings, over them
+        base = plan[-1][0] if args.long_train_steps else "redi-exact"
+        k = args.fsdfm_steps
+        for levels, tag in (("weighted", "w"), ("uniform", "u")):
+            runs.append((f"{base}-fsdfm-{tag}", dict(
+                common, method="fsdfm", lr=3e-4, ema=0.99, warmup=None, levels=levels,
+                teacher=str(run / base / "model_ema"), couplings=str(exact), steps=k,
+                eval_every=k // 4, save_every=k // 4)))  # fmt: skip
+    for name, options in runs:
         start = time.perf_counter()
         train(TrainConfig(mode="distill", out=str(run / name), **options))
         seconds[name] = round(time.perf_counter() - start)
-    if args.fsdfm_steps:  # FS-DFM on the last model trained on the exact couplings, over them
-        base = plan[-1][0] if args.long_train_steps else "redi-exact"
-        for levels, tag in (("weighted", "w"), ("uniform", "u")):
-            name = f"{base}-fsdfm-{tag}"
-            start = time.perf_counter()
-            train(TrainConfig(mode="distill", out=str(run / name), data=common["data"],
-                              teacher=str(run / base / "model_ema"), couplings=str(exact),
-                              levels=levels, steps=args.fsdfm_steps, lr=3e-4, ema=0.99,
-                              batch_size=args.batch_size, eval_every=args.fsdfm_steps // 4,
-                              save_every=args.fsdfm_steps // 4, log_every=50, device="cpu",
-                              seed=args.seed))  # fmt: skip
-            seconds[name] = round(time.perf_counter() - start)
     models = {"teacher": load(teacher).eval()}
     models.update({name: load(run / name / "model_ema").eval() for name in seconds})
     # The FS-DFM students of the same teacher (reproduce.py markov), where they were made.
