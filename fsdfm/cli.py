@@ -306,7 +306,8 @@ SAMPLE = Command(
         Option(
             "solver",
             SOLVERS,
-            "cumulative = FS-DFM (default), euler, or dfm (the 1024-step baseline)",
+            "cumulative = FS-DFM (default), euler, dfm (the 1024-step baseline), or dilated "
+            "(mask-source models: positions revealed far-apart first)",
             default="cumulative",
         ),
         DEVICE,

@@ -160,24 +160,28 @@ def temperature_frontier(
     model: Callable,
     temperatures: Sequence[float] = (1.0, 0.9, 0.8, 0.7),
     *,
-    steps: int = 64,
+    steps: int | Sequence[int] = 64,
     solver: str = "cumulative",
     name: str = "frontier",
     sample_kwargs: Mapping | None = None,
     **sweep_kwargs,
 ) -> list[dict]:
-    """The rows of one sampler (``model`` with ``solver`` at ``steps``) at each temperature, with
-    a ``temperature`` column: a reference curve of quality against joint structure (exact NLL
-    against transition entropy, say). Lowering the temperature moves a sampler along this curve
-    (sharper transitions, lower NLL); a method that lands below it (lower NLL at the same
-    transition entropy) gained something that sharpening alone does not give. With the exact
-    posterior (:class:`fsdfm.synthetic.MarkovPosterior`) and many steps the curve passes
-    through the law itself at T = 1. Other arguments as :func:`sweep` (metric_fns, n_samples,
-    seed, ...)."""
+    """The rows of one sampler (``model`` with ``solver`` at ``steps``, one step count or
+    several) at each temperature, with a ``temperature`` column: a reference curve of quality
+    against joint structure (exact NLL against transition entropy, say). Lowering the
+    temperature moves a sampler along this curve (sharper transitions, lower NLL); a method that
+    lands below it (lower NLL at the same transition entropy) gained something that sharpening
+    alone does not give. With the exact posterior (:class:`fsdfm.synthetic.MarkovPosterior`) and
+    many steps the curve passes through the law itself at T = 1. ``name`` is the rows' model
+    name; it may hold ``{temperature}`` (e.g. "exact posterior, T = {temperature:g}") to name
+    each temperature apart, as :func:`plot_frontier` takes them. Other arguments as
+    :func:`sweep` (metric_fns, n_samples, seed, ...)."""
+    counts = (steps,) if isinstance(steps, int) else tuple(steps)
     rows = []
     for temperature in temperatures:
         kwargs = {**(sample_kwargs or {}), "temperature": temperature}
-        for row in sweep({name: model}, steps=(steps,), solvers=(solver,), sample_kwargs=kwargs,
+        label = name.format(temperature=temperature)
+        for row in sweep({label: model}, steps=counts, solvers=(solver,), sample_kwargs=kwargs,
                          **sweep_kwargs):  # fmt: skip
             rows.append({**row, "temperature": temperature})
     return rows
@@ -346,6 +350,11 @@ def plot_frontier(
         if missing:
             raise ValueError(f"row {row.get('model')!r} at {row.get('steps')} steps has no "
                              f"{missing[0]!r}")  # fmt: skip
+    # A model sampled with several solvers is told apart by its solver in the legend.
+    solvers = {}
+    for row in rows:
+        solvers.setdefault(row["model"], set()).add(row.get("solver"))
+    several = {model for model, used in solvers.items() if len(used) > 1}
     fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 3.6), squeeze=False)
     for ax, count in zip(axes[0], steps, strict=True):
         here = [r for r in rows if r["steps"] == count]
@@ -359,7 +368,8 @@ def plot_frontier(
                         textcoords="offset points", xytext=(3, 3))  # fmt: skip
         for r in here:
             if r["model"] not in frontier:
-                ax.plot(r[x], r[y], marker="o", linestyle="none", label=r["model"])
+                label = r["model"] + (f" ({r['solver']})" if r["model"] in several else "")
+                ax.plot(r[x], r[y], marker="o", linestyle="none", label=label)
         if reference is not None:
             ax.plot(reference[x], reference[y], marker="*", markersize=10, color="gold",
                     markeredgecolor="k", linestyle="none", label=reference["model"])  # fmt: skip

@@ -11,6 +11,11 @@ step but the last moves the tokens with the chosen solver; the last collapses (S
 - ``"dfm"`` (SPEC 2.5): draw x_hat ~ p and move to it with probability
   1 - exp(-h kappa_dot / (1 - kappa)) (no move when x_hat is the current token); with the mask
   source x_hat is drawn without the mask token and only still-masked positions move;
+- ``"dilated"`` (mask source only, :mod:`fsdfm.dilation`): a planned step. Positions are revealed
+  in the dilated order, far-apart ones first, round(M kappa_{t+h}) - round(M kappa_t) of a row's
+  M generated positions in the step from t, each drawn from p without the mask token; the others
+  stay. Where the revealed positions of a step are conditionally independent given x_t (for
+  chain-like laws: separated by revealed positions) the step loses nothing to factorisation;
 - last step: every position (uniform source) or every still-masked position (mask source, the mask
   token's probability removed) is drawn from p.
 
@@ -31,12 +36,12 @@ from typing import NamedTuple
 
 import torch
 
-from fsdfm import head, ops, path
+from fsdfm import dilation, head, ops, path
 from fsdfm._args import model_device, positive_int, resolve_device
 from fsdfm.path import PolynomialSchedule, check_source, sample_source
 from fsdfm.progress import Progress
 
-SOLVERS = ("cumulative", "euler", "dfm")
+SOLVERS = ("cumulative", "euler", "dfm", "dilated")
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,8 @@ def sample(
         returning logits [B, L, V]. A model that ignores h (a DFM teacher) works the same way.
         For a bare callable ``seq_len`` is required, ``source`` defaults to "uniform" and V is
         ``vocab_size`` or, if that is not given, read off one extra call on an all-zero input.
-    solver: "cumulative" (FS-DFM), "euler" or "dfm" (see the module docstring).
+    solver: "cumulative" (FS-DFM), "euler", "dfm" or, for a mask-source model, "dilated" (see
+        the module docstring).
     prompt: int64 [P] or [B, P], a frozen prefix. init / edit_mask: int64 / bool [B, L]; where
         edit_mask is False the init tokens stay, where True tokens are generated.
     temperature, barrier: of p = softmax(logits / temperature) and the energy barrier (SPEC 2.3).
@@ -289,6 +295,12 @@ def _prepare(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     setup = _resolve_setup(model, batch_size, seq_len, source, vocab_size, device)
+    if solver == "dilated" and setup.source != "mask":
+        raise ValueError(
+            "solver='dilated' needs a mask-source model (it reveals masked positions in a planned "
+            f"order), this one has the {setup.source!r} source"
+            + ("" if getattr(model, "config", None) else " (pass source='mask')")
+        )
     ops.check_generator(generator, setup.device, "sampling runs")
     draw = ops.Kernels(backend, setup.device)
     fused = _fused_head(fused_head, model, draw, controls)
@@ -411,6 +423,8 @@ class _Loop:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.graph = None  # a captured (non-final) step, replayed on the static tokens `x`
         self.x = None
+        if solver == "dilated":
+            self.rank, self.count = dilation.reveal_ranks(edit_mask, B, setup.seq_len, device)
 
     def step(self, x: torch.Tensor, k: int, last: bool) -> torch.Tensor:
         """Tokens after step k + 1 (of time t = k h) from the tokens x before it."""
@@ -444,9 +458,16 @@ class _Loop:
     def _move(self, source, x):
         """One step of the solver from time t (all steps but the last). With the mask source
         the Euler and DFM solvers move only still-masked positions (SPEC 2.4, 2.5): a revealed
-        token stays, and the DFM draw x_hat never is the mask."""
+        token stays, and the DFM draw x_hat never is the mask; the dilated solver reveals this
+        step's share of its plan."""
         t, h = self.t.double(), self.h
         mask = self.setup.mask_id
+        if self.solver == "dilated":
+            # The grid time in float64 (self.t is the model's float32 copy): the counts round it.
+            t_k = (self.step_no - 1).double() * self.dt
+            kappa = self.schedule.kappa
+            now = dilation.revealed_now(self.rank, self.count, kappa(t_k), kappa(t_k + self.dt))
+            return torch.where(now, source.categorical(mask), x)
         if self.solver == "cumulative":
             return source.jump(x, self.schedule.cumulative_scalar(t, h).float())
         movable = True if mask is None else x == mask

@@ -9,6 +9,7 @@
     python scripts/reproduce.py figures    # docs/figures redrawn from the JSON kept there
     python scripts/reproduce.py --threads 2 caps   # exact caps on a CPU-sized Markov chain
     python scripts/reproduce.py --threads 2 redi   # rectified couplings on that chain
+    python scripts/reproduce.py --threads 2 dilated   # the dilated solver (mask source) on it
 
 Each problem: write the training set as a token file, pre-train a DFM teacher and distil an
 FS-DFM student with :func:`fsdfm.training.train` (the code behind ``fsdfm pretrain`` /
@@ -31,6 +32,11 @@ that x_0) against the same number of independent pairs (x_1 the chain's own samp
 noise: plain DFM training); ``--fsdfm-steps N`` adds FS-DFM students of the last exact-coupled
 model distilled over its couplings (``fsdfm distill --couplings``). Every model is scored by
 exact NLL, pair TV and transition entropy.
+
+``dilated`` samples the mask-source teacher and FS-DFM student of ``markov --source mask
+--vocab 32 --length 32`` (``--run``) in the path's random order and with the dilated solver
+(:mod:`fsdfm.dilation`), against the exact posterior's random-order cap and its dilated
+frontier (the same solver at temperatures below 1).
 
 ``text`` evaluates the teacher and student of ``scripts/train_default.sh`` (its WORK directory,
 ``--run``) on real text: generative perplexity under an autoregressive GPT-2 that it first trains
@@ -81,6 +87,8 @@ from fsdfm.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
+# The rows of the exact posterior at each temperature (redi, dilated: the frontier).
+FRONTIER = "exact posterior, T = {temperature:g}"
 
 
 def train_pair(out: Path, data: Path, tokenizer: Path, args, preset: str, seq_len: int):
@@ -335,8 +343,10 @@ def markov(args) -> None:
     # RK-4 against the Heun shortcut teacher (a second student).
     extra = {"student-heun": args.heun_dir} if args.heun_dir else {}
     models = load_pair(out, args.student_dir, args.device, extra)
-    solvers = {name: ("cumulative", "euler") for name in models}
-    solvers["teacher"] = ("dfm", "cumulative", "euler")
+    # A mask-source model also gets the planned step (fsdfm.dilation).
+    planned = ("dilated",) if args.source == "mask" else ()
+    solvers = {name: ("cumulative", "euler", *planned) for name in models}
+    solvers["teacher"] = ("dfm", "cumulative", "euler", *planned)
 
     rows = evaluate(models, args, {"chain": chain_scores(chain)}, solvers=solvers)
     truth = chain.sample(args.samples, g)
@@ -375,9 +385,10 @@ def markov(args) -> None:
 
 def caps(args) -> None:
     """The exact caps of issue 16 on a CPU-sized chain: the exact posterior (MarkovPosterior)
-    sampled by each solver at each step count, scored by exact NLL, pair TV and transition
-    entropy, next to the chain's own samples and the temperature frontier (the exact posterior
-    at many steps and T < 1), for each Dirichlet concentration."""
+    sampled by each solver at each step count (uniform source; with the mask source, the
+    path's random order against the dilated solver's planned one), scored by exact NLL, pair TV
+    and transition entropy, next to the chain's own samples and the temperature frontier (the
+    exact posterior at many steps and T < 1), for each Dirichlet concentration."""
     V, L = args.vocab, args.length
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
@@ -391,6 +402,10 @@ def caps(args) -> None:
                       sample_kwargs={"seq_len": L, "vocab_size": V})  # fmt: skip
         rows = sweep({"exact posterior": posterior}, steps=args.steps,
                      solvers=("cumulative", "euler", "dfm"), **common)  # fmt: skip
+        # The mask source: the random order of the path against the planned (dilated) one.
+        mask = {**common, "sample_kwargs": {"seq_len": L, "vocab_size": V + 1, "source": "mask"}}
+        rows += sweep({"exact posterior, mask source": MarkovPosterior(chain, "mask")},
+                      steps=args.steps, solvers=("cumulative", "dilated"), **mask)  # fmt: skip
         name = f"frontier, {args.frontier_steps} steps"
         rows += temperature_frontier(posterior, args.temperatures, steps=args.frontier_steps,
                                      name=name, **common)  # fmt: skip
@@ -400,7 +415,9 @@ def caps(args) -> None:
             f"{args.seed}): exact NLL {chain.expected_nll:.4f} nats/token in expectation, "
             f"transition entropy {chain.transition_entropy:.4f} bits. The exact posterior "
             f"(forward-backward) sampled by each solver: the cap of any sampler that draws the "
-            f"positions of a step independently. {args.samples} samples per row; the chain's "
+            f"positions of a step independently in the path's (random) order; with the mask "
+            f"source the dilated solver reveals them in a planned order instead (far-apart "
+            f"positions first). {args.samples} samples per row; the chain's "
             f"own samples at the same n set the floor of pair_tv and the plug-in bias of "
             f"transition_entropy: {truth['nll']:.4f} / {truth['pair_tv']:.4f} / "
             f"{truth['transition_entropy']:.4f}."
@@ -421,7 +438,6 @@ def redi(args) -> None:
     chain = MarkovChain(args.vocab, args.length, order=1, concentration=args.concentration,
                         seed=args.seed)  # fmt: skip
     V, L, n = args.vocab, args.length, args.pairs
-    law = f"Dirichlet({args.concentration:g})"
     pairs = {}
     exact = run / "couplings-exact.safetensors"
     if not exact.is_file():
@@ -479,23 +495,18 @@ def redi(args) -> None:
     for name, directory in students.items():
         if (run / directory / "model_ema").is_dir():
             models[name] = load(run / directory / "model_ema").eval()
-    grid = dict(steps=args.steps, solvers=("cumulative",), n_samples=args.samples,
-                batch_size=args.samples, metric_fns={"chain": chain_scores(chain)},
-                seed=args.seed)  # fmt: skip
-    rows = sweep(models, **grid)
+    grid = dict(steps=args.steps, n_samples=args.samples, batch_size=args.samples,
+                metric_fns={"chain": chain_scores(chain)}, seed=args.seed)  # fmt: skip
+    rows = sweep(models, solvers=("cumulative",), **grid)
     # The exact caps (T = 1) and the temperature frontier at every step count: a model below
     # the T = 1 row gained past the factorised step; one that only matches a colder row sharpened.
-    posterior = MarkovPosterior(chain)
-    for temperature in args.temperatures:
-        kwargs = {"seq_len": L, "vocab_size": V, "temperature": temperature}
-        rows += sweep({f"exact posterior, T = {temperature:g}": posterior}, sample_kwargs=kwargs,
-                      **grid)  # fmt: skip
+    rows += temperature_frontier(MarkovPosterior(chain), args.temperatures, name=FRONTIER,
+                                 sample_kwargs={"seq_len": L, "vocab_size": V},
+                                 **grid)  # fmt: skip
     truth = own_samples_row(chain, args.samples, args.seed + 2)
     note = (
-        f"Order-1 Markov chain, V = {V}, L = {L}, Dirichlet({args.concentration:g}) (seed "
-        f"{args.seed}): the chain's own samples score NLL {truth['nll']:.4f}, pair TV "
-        f"{truth['pair_tv']:.4f}, transition entropy {truth['transition_entropy']:.4f} bits. "
-        f"Each model retrained from the teacher ({teacher}) for {args.train_steps} steps on "
+        _chain_sentence(args, truth)
+        + f"Each model retrained from the teacher ({teacher}) for {args.train_steps} steps on "
         f"{n} pairs: redi-teacher on the teacher's own {args.teacher_coupling_steps}-step "
         f"couplings (fsdfm distill --method redi), redi-exact on the exact posterior's "
         f"{args.coupling_steps}-step couplings, dfm-independent on the chain's samples with "
@@ -506,20 +517,76 @@ def redi(args) -> None:
         f"Training seconds (this invocation, couplings included): "
         f"{json.dumps(seconds)}."
     )
-    paths = write_results(rows + [truth], run / "eval-redi", quality="nll", note=note,
-                          title=f"rectified couplings, V = {V}, L = {L}, {law}")  # fmt: skip
-    frontier = [f"exact posterior, T = {t:g}" for t in args.temperatures]
-    plot_frontier(rows, run / "eval-redi" / "frontier.png", frontier=frontier,
+    _frontier_report(rows, truth, run / "eval-redi", "redi", "rectified couplings", note, args)
+
+
+def _chain_sentence(args, truth: dict, source: str = "") -> str:
+    """The first sentence of a chain experiment's note: the chain and its own samples' scores."""
+    return (
+        f"Order-1 Markov chain, V = {args.vocab}, L = {args.length}, "
+        f"Dirichlet({args.concentration:g}) (seed {args.seed}){source}: the chain's own samples "
+        f"score NLL {truth['nll']:.4f}, pair TV {truth['pair_tv']:.4f}, transition entropy "
+        f"{truth['transition_entropy']:.4f} bits. "
+    )
+
+
+def _frontier_report(rows, truth, out: Path, name: str, what: str, note: str, args) -> None:
+    """Write a chain experiment's rows (and the chain's own samples, ``truth``) to ``out``, plot
+    them against the frontier rows ("exact posterior, T = ..."), and copy the table's JSON and
+    both figures to ``--figures`` as NAME-vV-lL[-cC].{json,png} and ...-frontier.png."""
+    V, L, law = args.vocab, args.length, f"Dirichlet({args.concentration:g})"
+    paths = write_results(rows + [truth], out, quality="nll", note=note,
+                          title=f"{what}, V = {V}, L = {L}, {law}")  # fmt: skip
+    frontier = [FRONTIER.format(temperature=t) for t in args.temperatures]
+    plot_frontier(rows, out / "frontier.png", frontier=frontier,
                   steps=[s for s in args.steps if s > 1], reference=truth,
-                  title=f"rectified couplings against the temperature frontier, V = {V}, "
-                  f"L = {L}, {law}")  # fmt: skip
+                  title=f"{what} against the temperature frontier, V = {V}, L = {L}, "
+                  f"{law}")  # fmt: skip
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    tag = f"redi-v{V}-l{L}" + ("" if args.concentration == 0.1 else f"-c{args.concentration:g}")
+    tag = f"{name}-v{V}-l{L}" + ("" if args.concentration == 0.1 else f"-c{args.concentration:g}")
     shutil.copy(paths["png"], figures / f"{tag}.png")
     shutil.copy(paths["json"], figures / f"{tag}.json")
-    shutil.copy(run / "eval-redi" / "frontier.png", figures / f"{tag}-frontier.png")
+    shutil.copy(out / "frontier.png", figures / f"{tag}-frontier.png")
     print(paths["md"].read_text())
+
+
+def dilated(args) -> None:
+    """The dilated solver on the CPU-sized chain (see the module docstring)."""
+    run = Path(args.run)
+    teacher = run / "teacher" / "model"
+    if not teacher.is_dir():
+        raise SystemExit(
+            f"no teacher at {teacher}: run reproduce.py markov --source mask --vocab 32 ... first"
+        )
+    V, L = args.vocab, args.length
+    chain = MarkovChain(V, L, order=1, concentration=args.concentration, seed=args.seed)
+    models = {"teacher": load(teacher).eval()}
+    if (run / args.student_dir / "model_ema").is_dir():
+        models["fsdfm student"] = load(run / args.student_dir / "model_ema").eval()
+    if any(model.config.source != "mask" for model in models.values()):
+        raise SystemExit(f"the models of {run} are not mask-source models")
+    grid = dict(steps=args.steps, n_samples=args.samples, batch_size=args.samples,
+                metric_fns={"chain": chain_scores(chain)}, seed=args.seed)  # fmt: skip
+    rows = sweep(models, solvers=("cumulative", "dilated"), **grid)
+    # The exact posterior in the path's random order (the factorised cap), and with the dilated
+    # solver at each temperature: the frontier of the planned step.
+    posterior = MarkovPosterior(chain, "mask")
+    kwargs = {"seq_len": L, "vocab_size": V + 1, "source": "mask"}
+    rows += sweep({"exact posterior, random order": posterior}, solvers=("cumulative",),
+                  sample_kwargs=kwargs, **grid)  # fmt: skip
+    rows += temperature_frontier(posterior, args.temperatures, solver="dilated", name=FRONTIER,
+                                 sample_kwargs=kwargs, **grid)  # fmt: skip
+    truth = own_samples_row(chain, args.samples, args.seed + 2)
+    note = (
+        _chain_sentence(args, truth, ", mask source")
+        + f"The teacher and FS-DFM student of {run} sampled in the path's random order "
+        f"(cumulative: each masked position revealed independently) and in the dilated order "
+        f"(fsdfm.dilation); the exact posterior in the random order (the factorised cap) and "
+        f"with the dilated solver at each temperature (the frontier)."
+    )
+    _frontier_report(rows, truth, run / "eval-dilated", "dilated", "the dilated solver", note,
+                     args)  # fmt: skip
 
 
 def text(args) -> None:
@@ -784,6 +851,21 @@ def main(argv=None) -> None:
     d.add_argument("--samples", type=int, default=2048)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--figures", default=str(FIGURES))
+    m = sub.add_parser("dilated", help="the dilated solver (mask source) on that chain")
+    m.add_argument(
+        "--run",
+        default=str(ROOT / "runs" / "markov-cpu-mask"),
+        help="a markov run with --source mask --vocab 32 --length 32 (its teacher and student)",
+    )
+    m.add_argument("--student-dir", default="student-w")
+    m.add_argument("--vocab", type=int, default=32)
+    m.add_argument("--length", type=int, default=32)
+    m.add_argument("--concentration", type=float, default=0.1)
+    m.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.9, 0.8])
+    m.add_argument("--steps", type=_steps, default=(1, 2, 4, 8, 16))
+    m.add_argument("--samples", type=int, default=2048)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--figures", default=str(FIGURES))
     f = sub.add_parser("figures", help="redraw docs/figures from the sweeps kept there as JSON")
     f.add_argument("--figures", default=str(FIGURES), help="the figures directory")
     parser.add_argument(
@@ -804,6 +886,7 @@ def main(argv=None) -> None:
         "figures": replot_figures,
         "caps": caps,
         "redi": redi,
+        "dilated": dilated,
     }
     problems[args.problem](args)
 

@@ -11,7 +11,7 @@ PACKAGE = ROOT / "fsdfm"
 # fsdfm.corpus only from the corpus or below).
 LAYERS = {
     "_args": 0, "_io": 0, "options": 0, "progress": 0,
-    "path": 1, "ops": 1, "tokenizer": 1, "corpus": 1,
+    "path": 1, "dilation": 1, "ops": 1, "tokenizer": 1, "corpus": 1,
     "model": 2, "head": 2,
     "checkpoint": 3, "data": 3,
     "solver": 4, "losses": 4, "optim": 4, "distill": 4,

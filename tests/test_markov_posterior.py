@@ -129,3 +129,27 @@ def test_temperature_frontier_shows_sharpening():
     assert warm["nll"] == pytest.approx(chain.expected_nll, abs=0.03)
     assert warm["t"] == pytest.approx(chain.transition_entropy, abs=0.05)
     assert cold["nll"] < warm["nll"] - 0.03 and cold["t"] < warm["t"] - 0.04, (warm, cold)
+
+
+def test_temperature_frontier_over_several_step_counts():
+    """One row per temperature and step count, named per temperature when the name asks for it,
+    each the row that a frontier at that single step count gives (every configuration draws
+    from its own seeded generator)."""
+    from fsdfm.evaluation import temperature_frontier
+
+    chain = MarkovChain(5, 8, order=1, concentration=0.3, seed=3)
+    common = dict(
+        n_samples=200, batch_size=200, progress=False,
+        metric_fns={"nll": lambda x: float(-chain.log_prob(x).mean()) / 8},
+        sample_kwargs={"seq_len": 8, "vocab_size": 5},
+    )  # fmt: skip
+    name = "exact, T = {temperature:g}"
+    rows = temperature_frontier(MarkovPosterior(chain), (1.0, 0.7), steps=(2, 4), name=name,
+                                **common)  # fmt: skip
+    assert [(r["model"], r["steps"], r["temperature"]) for r in rows] == [
+        ("exact, T = 1", 2, 1.0), ("exact, T = 1", 4, 1.0),
+        ("exact, T = 0.7", 2, 0.7), ("exact, T = 0.7", 4, 0.7),
+    ]  # fmt: skip
+    single = temperature_frontier(MarkovPosterior(chain), (0.7,), steps=4, **common)
+    assert single[0]["model"] == "frontier" and single[0]["nll"] == rows[3]["nll"]
+    assert rows[2]["nll"] != rows[3]["nll"]
