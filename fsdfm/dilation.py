@@ -17,7 +17,9 @@ those of rank r (in that row's generated positions, by key) with
 
     round(M kappa_t) <= r < round(M kappa_{t+h}),
 
-so the share revealed by time t is the path's kappa_t (SPEC 1) and the last step reveals the rest.
+(round: half to even, as torch.round), so the share revealed by time t is the path's kappa_t
+(SPEC 1) and the last step reveals the rest. The sampler computes both ends of a step from its
+integer number, so consecutive steps share their boundary count: every rank is revealed once.
 """
 
 from __future__ import annotations

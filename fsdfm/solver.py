@@ -299,7 +299,7 @@ def _prepare(
         raise ValueError(
             "solver='dilated' needs a mask-source model (it reveals masked positions in a planned "
             f"order), this one has the {setup.source!r} source"
-            + ("" if getattr(model, "config", None) else " (pass source='mask')")
+            + (" (pass source='mask')" if getattr(model, "config", None) is None else "")
         )
     ops.check_generator(generator, setup.device, "sampling runs")
     draw = ops.Kernels(backend, setup.device)
@@ -411,7 +411,7 @@ class _Loop:
                  edit_mask, opts):  # fmt: skip
         self.model, self.setup, self.draw = model, setup, draw
         self.solver, self.schedule, self.edit_mask = solver, schedule, edit_mask
-        self.dt = 1.0 / steps  # the grid t_k = k dt, in float64 on the host
+        self.steps, self.dt = steps, 1.0 / steps  # the grid t_k = k dt, in float64 on the host
         self.controls = opts["controls"]
         self.generator, self.fused = opts["generator"], opts["fused"]
         device, B = setup.device, setup.batch_size
@@ -463,10 +463,13 @@ class _Loop:
         t, h = self.t.double(), self.h
         mask = self.setup.mask_id
         if self.solver == "dilated":
-            # The grid time in float64 (self.t is the model's float32 copy): the counts round it.
-            t_k = (self.step_no - 1).double() * self.dt
+            # Both ends of the step from the integer step number, so that this step's upper
+            # count and the next step's lower one are the same float and round alike (k dt and
+            # k dt + dt can differ by an ulp and split a .5 tie). A revealed token stays.
             kappa = self.schedule.kappa
-            now = dilation.revealed_now(self.rank, self.count, kappa(t_k), kappa(t_k + self.dt))
+            k = self.step_no.double()
+            ends = kappa((k - 1) / self.steps), kappa(k / self.steps)
+            now = dilation.revealed_now(self.rank, self.count, *ends) & (x == mask)
             return torch.where(now, source.categorical(mask), x)
         if self.solver == "cumulative":
             return source.jump(x, self.schedule.cumulative_scalar(t, h).float())
