@@ -126,6 +126,24 @@ def test_the_samples_follow_the_planned_law(backend):
     assert p_wrong < 1e-6
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_the_planned_law_on_cuda(cuda_graph):
+    """The same law on the GPU, eagerly and with the step captured in a CUDA graph (the counts
+    come from the device's step number)."""
+    n, V, L = 20000, 3, 4
+    q = correlated_law(V, L, seed=1)
+    model = ExactPosterior(q, "mask").to("cuda")
+    x = fsdfm.sample(
+        model, 2, batch_size=n, seq_len=L, source="mask", vocab_size=V + 1, solver="dilated",
+        cuda_graph=cuda_graph, device="cuda", generator=torch.Generator("cuda").manual_seed(0),
+    )  # fmt: skip
+    index = model.joint_index(x).cpu()[:, None]
+    p, stat, dof = chisquare_rows(index, planned_law(q, [(0, 2), (1, 3)])[None])
+    assert p > 1e-4, f"chi-square p = {p:.2e} ({stat:.1f} on {dof} dof)"
+
+
 def test_frozen_positions_condition_the_plan():
     """With x_0 and x_2 frozen the plan has two positions: x_1 first, then x_3 given it, which
     is the exact conditional law q(x_1, x_3 | x_0, x_2)."""
