@@ -460,7 +460,6 @@ class _Loop:
         the Euler and DFM solvers move only still-masked positions (SPEC 2.4, 2.5): a revealed
         token stays, and the DFM draw x_hat never is the mask; the dilated solver reveals this
         step's share of its plan."""
-        t, h = self.t.double(), self.h
         mask = self.setup.mask_id
         if self.solver == "dilated":
             # Both ends of the step from the integer step number, so that this step's upper
@@ -471,6 +470,7 @@ class _Loop:
             ends = kappa((k - 1) / self.steps), kappa(k / self.steps)
             now = dilation.revealed_now(self.rank, self.count, *ends) & (x == mask)
             return torch.where(now, source.categorical(mask), x)
+        t, h = self.t.double(), self.h
         if self.solver == "cumulative":
             return source.jump(x, self.schedule.cumulative_scalar(t, h).float())
         movable = True if mask is None else x == mask
